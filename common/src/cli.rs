@@ -1,0 +1,94 @@
+//! clap argument groups shared by all tools, so the same flag means the same thing everywhere.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+
+/// `--model`, `--device`, `--dtype`.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model: a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a model id
+    /// (org/name[@revision]) already in the local Hugging Face cache.
+    #[arg(long, short = 'm', value_name = "DIR|ID")]
+    pub model: String,
+
+    /// Where to compute: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+
+    /// Compute dtype: f32, bf16, f16 or f64 (default f32 on CPU, bf16 on CUDA).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+
+    pub fn dtype(&self, device: &Device) -> Result<DType> {
+        match &self.dtype {
+            Some(s) => parse_dtype(s),
+            None if device.is_cuda() => Ok(DType::BF16),
+            None => Ok(DType::F32),
+        }
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("--device {s}: expected cuda:N"))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "--device {s}: this build has no CUDA support (build with `--features cuda`)"
+                );
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => bail!("--dtype {other}: expected f32, bf16, f16 or f64"),
+    }
+}
+
+/// `-q` / `-v`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct LogArgs {
+    /// Print only errors.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// Print more about what is happening.
+    #[arg(long, short = 'v', global = true)]
+    pub verbose: bool,
+}
+
+impl LogArgs {
+    /// Print a message to stderr unless `-q`.
+    pub fn info(&self, tool: &str, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{tool}: {}", msg.as_ref());
+        }
+    }
+
+    /// Print a warning to stderr unless `-q`.
+    pub fn warn(&self, tool: &str, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{tool}: warning: {}", msg.as_ref());
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Every environment variable cf reads, in one place.
+
+/// Number of CPU threads candle may use (falls back to `RAYON_NUM_THREADS`, then all cores).
+pub const CF_THREADS: &str = "CF_THREADS";
+/// Where Hugging Face cache lookups start (huggingface_hub's own variables, in its order).
+pub const HF_HUB_CACHE: &str = "HF_HUB_CACHE";
+pub const HUGGINGFACE_HUB_CACHE: &str = "HUGGINGFACE_HUB_CACHE";
+pub const HF_HOME: &str = "HF_HOME";
+pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
+/// Disables colour in messages when set to a non-empty value.
+pub const NO_COLOR: &str = "NO_COLOR";
+
+/// The value of an environment variable when it is set and not empty.
+pub fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}

@@ -1,0 +1,80 @@
+//! One `run_main` for every tool: error printing, exit codes, broken pipes.
+//!
+//! Exit codes follow grep/ripgrep: 0 success, 1 a check answered "no" (e.g. a `--max` gate),
+//! 2 an error. A broken pipe (`cf-sample ... | head`) is not an error: the tool exits 0 quietly.
+
+use std::fmt;
+use std::io;
+use std::process::ExitCode;
+
+/// Returned (inside an `anyhow::Error`) by a tool whose check answered "no". The message is
+/// printed to stderr without the `error:` prefix and the tool exits 1.
+#[derive(Debug)]
+pub struct CheckFailed(pub String);
+
+impl fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckFailed {}
+
+/// True when the error (or any cause in its chain) is a broken pipe on stdout.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes on one line, joined with `: `, with repeated messages dropped
+/// (a context that already quotes its cause should not print it twice).
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let msg = cause.to_string().replace('\n', " ");
+        let msg = msg.trim().to_string();
+        if msg.is_empty() || parts.iter().any(|p| p.contains(&msg)) {
+            continue;
+        }
+        parts.push(msg);
+    }
+    parts.join(": ")
+}
+
+/// Run a tool's body and turn its result into the process exit code.
+pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(check) = err.downcast_ref::<CheckFailed>() {
+                eprintln!("{tool}: {check}");
+                return ExitCode::from(1);
+            }
+            eprintln!("{tool}: error: {}", one_line(&err));
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn chain_is_one_line_without_repeats() {
+        let e: anyhow::Result<()> = Err(anyhow::anyhow!("missing field \"text\""));
+        let e = e.context("sft.jsonl:17").unwrap_err();
+        assert_eq!(one_line(&e), "sft.jsonl:17: missing field \"text\"");
+    }
+
+    #[test]
+    fn broken_pipe_is_detected_through_context() {
+        let e: anyhow::Result<()> = Err(io::Error::from(io::ErrorKind::BrokenPipe).into());
+        let e = e.context("writing stdout").unwrap_err();
+        assert!(is_broken_pipe(&e));
+    }
+}

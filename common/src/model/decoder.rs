@@ -1,0 +1,557 @@
+//! One decoder for the Llama family: Llama (GQA, llama3 rope scaling, biases, tied
+//! embeddings), OLMo (non-parametric LayerNorm, clip_qkv), OLMo-2 (norms after each sublayer,
+//! q/k norm), Qwen2 (q/k/v bias). It follows transformers' modeling code operation by operation.
+//!
+//! Unlike candle-transformers' models it returns logits at every position, decodes a batch with
+//! a preallocated KV cache, and is differentiable end to end in [`Mode::Train`]: candle's fused
+//! `softmax_last_dim`, `rms_norm` and `rope` kernels have no backward and silently cut the graph,
+//! so they are used only in [`Mode::Infer`], where they give the same values.
+
+use super::config::{Arch, Config};
+use super::weights::Source;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Which kernels a forward pass may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// candle's fused kernels where they exist: fast, no gradient.
+    Infer,
+    /// Differentiable operations only, so every parameter receives its gradient.
+    Train,
+}
+
+/// Half types are normalised and soft-maxed in f32, as transformers does; f32 and f64 stay.
+fn upcast(dt: DType) -> DType {
+    match dt {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// `y = x Wᵀ + b`, with W of shape (out, in).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(src: &dyn Source, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: src.get(&format!("{name}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(src.get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().expect("linear input has a last dim");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.contiguous()?.reshape((rows, inp))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Norm {
+    /// RMSNorm: `w * (x / sqrt(mean(x²) + eps)).to(dtype)`, statistics in f32 (or f64).
+    Rms { weight: Tensor, eps: f64 },
+    /// OLMo's LayerNorm without weight or bias, eps 1e-5.
+    Plain { eps: f64 },
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let dt = x.dtype();
+        match self {
+            Norm::Rms { weight, eps } => {
+                if mode == Mode::Infer && dt == DType::F32 {
+                    return Ok(candle_nn::ops::rms_norm(
+                        &x.contiguous()?,
+                        weight,
+                        *eps as f32,
+                    )?);
+                }
+                let xf = x.to_dtype(upcast(dt))?;
+                let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+                let n = xf.broadcast_div(&(ms + *eps)?.sqrt()?)?;
+                Ok(n.to_dtype(dt)?.broadcast_mul(weight)?)
+            }
+            Norm::Plain { eps } => {
+                let xf = x.to_dtype(upcast(dt))?;
+                let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(xc.broadcast_div(&(var + *eps)?.sqrt()?)?.to_dtype(dt)?)
+            }
+        }
+    }
+}
+
+/// Rotary tables for positions `0..len`, (len, head_dim/2) each.
+#[derive(Clone, Debug)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Longest table built up front; positions past it are an error.
+const ROPE_TABLE_MAX: usize = 32768;
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Rope> {
+        let inv = cfg.rope_scaling.inv_freq(cfg.head_dim, cfg.rope_theta);
+        let len = cfg.max_position_embeddings.clamp(1, ROPE_TABLE_MAX);
+        let half = inv.len();
+        let mut angles = Vec::with_capacity(len * half);
+        for p in 0..len {
+            angles.extend(inv.iter().map(|f| p as f64 * f));
+        }
+        let a = Tensor::from_vec(angles, (len, half), device)?;
+        Ok(Rope {
+            cos: a.cos()?.to_dtype(dtype)?,
+            sin: a.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// x: (b, heads, t, head_dim) at positions offset..offset+t.
+    fn apply(&self, x: &Tensor, offset: usize, mode: Mode) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if offset + t > self.cos.dim(0)? {
+            bail!(
+                "position {} is past the {} positions this model supports",
+                offset + t,
+                self.cos.dim(0)?
+            );
+        }
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        if mode == Mode::Infer && x.dtype() != DType::F64 {
+            Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        } else {
+            Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?)
+        }
+    }
+}
+
+fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode == Mode::Infer && x.dtype() != DType::F64 {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+}
+
+/// A preallocated per-layer key/value cache for a batch whose rows share one position.
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    cap: usize,
+}
+
+impl KvCache {
+    /// A cache for `cap` positions (prefix plus generated tokens).
+    pub fn new(num_layers: usize, cap: usize) -> KvCache {
+        KvCache {
+            kv: vec![None; num_layers],
+            len: 0,
+            cap,
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        if self.len + t > self.cap {
+            bail!(
+                "KV cache full: {} + {t} positions > capacity {}",
+                self.len,
+                self.cap
+            );
+        }
+        if self.kv[layer].is_none() {
+            let (b, h, _, d) = k.dims4()?;
+            let z = Tensor::zeros((b, h, self.cap, d), k.dtype(), k.device())?;
+            self.kv[layer] = Some((z.clone(), z.copy()?));
+        }
+        let (kb, vb) = self.kv[layer].as_ref().unwrap();
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((
+            kb.narrow(2, 0, self.len + t)?,
+            vb.narrow(2, 0, self.len + t)?,
+        ))
+    }
+
+    /// Keep only the given batch rows (to drop finished sequences from a decoding batch).
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        for entry in self.kv.iter_mut().flatten() {
+            let idx = Tensor::new(rows, entry.0.device())?;
+            *entry = (
+                entry.0.index_select(&idx, 0)?,
+                entry.1.index_select(&idx, 0)?,
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    clip_qkv: Option<f64>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let offset = cache.as_ref().map_or(0, |(c, _)| c.len());
+        let (mut q, mut k, mut v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        if let Some(c) = self.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q, mode)?;
+            k = kn.forward(&k, mode)?;
+        }
+        let (hd, kvh) = (self.head_dim, self.kv_heads);
+        let q = q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, offset, mode)?;
+        let k = rope.apply(&k, offset, mode)?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k.contiguous()?, v),
+        };
+        let len = k.dim(2)?;
+        // Grouped-query attention without copying keys: the n_rep query heads that share a
+        // key/value head are stacked along the query axis.
+        let n_rep = self.heads / kvh;
+        let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
+        let dt = q.dtype();
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(upcast(dt))?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, kvh, n_rep, t, len))?
+                .broadcast_add(m)?
+                .reshape((b, kvh, n_rep * t, len))?,
+            None => scores,
+        };
+        let p = softmax(&scores, mode)?.to_dtype(dt)?;
+        let out = p
+            .matmul(&v)?
+            .reshape((b, self.heads, t, hd))?
+            .transpose(1, 2)?;
+        self.o.forward(&out.reshape((b, t, self.heads * hd))?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    attn: Attention,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    /// Pre-norm: before attention / MLP. Post-norm (OLMo-2): after them.
+    norm1: Norm,
+    norm2: Norm,
+    post_norm: bool,
+}
+
+impl Block {
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if self.post_norm {
+            let a = self
+                .norm1
+                .forward(&self.attn.forward(x, rope, mask, cache, mode)?, mode)?;
+            let h = (x + a)?;
+            let m = self.norm2.forward(&self.mlp(&h)?, mode)?;
+            Ok((h + m)?)
+        } else {
+            let a = self
+                .attn
+                .forward(&self.norm1.forward(x, mode)?, rope, mask, cache, mode)?;
+            let h = (x + a)?;
+            let m = self.mlp(&self.norm2.forward(&h, mode)?)?;
+            Ok((h + m)?)
+        }
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    pub cfg: Config,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    lm_head: Tensor,
+    rope: Rope,
+    mode: Mode,
+    dtype: DType,
+    device: Device,
+}
+
+/// Rows of logits computed at once when scoring (bounds memory at rows × vocab floats).
+const LOGPROB_CHUNK: usize = 512;
+
+impl Decoder {
+    /// Build the decoder from named parameters with transformers' names
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...). Every shape is checked.
+    pub fn new(
+        cfg: &Config,
+        src: &dyn Source,
+        dtype: DType,
+        device: &Device,
+        mode: Mode,
+    ) -> Result<Decoder> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let rms = |name: String, n: usize| -> Result<Norm> {
+            Ok(Norm::Rms {
+                weight: src.get(&name, &[n])?,
+                eps: cfg.norm_eps,
+            })
+        };
+        let plain = Norm::Plain { eps: 1e-5 };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin =
+                |n: &str, out, inp, bias| Linear::load(src, &format!("{p}.{n}"), out, inp, bias);
+            let (q_norm, k_norm) = if cfg.arch == Arch::Olmo2 {
+                (
+                    Some(rms(format!("{p}.self_attn.q_norm.weight"), qd)?),
+                    Some(rms(format!("{p}.self_attn.k_norm.weight"), kvd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let attn = Attention {
+                q: lin("self_attn.q_proj", qd, h, cfg.qkv_bias)?,
+                k: lin("self_attn.k_proj", kvd, h, cfg.qkv_bias)?,
+                v: lin("self_attn.v_proj", kvd, h, cfg.qkv_bias)?,
+                o: lin("self_attn.o_proj", h, qd, cfg.o_bias)?,
+                q_norm,
+                k_norm,
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: hd,
+                clip_qkv: cfg.clip_qkv,
+            };
+            let (norm1, norm2, post_norm) = match cfg.arch {
+                Arch::Olmo => (plain.clone(), plain.clone(), false),
+                Arch::Olmo2 => (
+                    rms(format!("{p}.post_attention_layernorm.weight"), h)?,
+                    rms(format!("{p}.post_feedforward_layernorm.weight"), h)?,
+                    true,
+                ),
+                Arch::Llama | Arch::Qwen2 => (
+                    rms(format!("{p}.input_layernorm.weight"), h)?,
+                    rms(format!("{p}.post_attention_layernorm.weight"), h)?,
+                    false,
+                ),
+            };
+            blocks.push(Block {
+                attn,
+                gate: lin("mlp.gate_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
+                up: lin("mlp.up_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
+                down: lin("mlp.down_proj", h, cfg.intermediate_size, cfg.mlp_bias)?,
+                norm1,
+                norm2,
+                post_norm,
+            });
+        }
+        let embed = src.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let norm = if cfg.arch == Arch::Olmo {
+            plain
+        } else {
+            rms("model.norm.weight".into(), h)?
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            src.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg, dtype, device)?,
+            mode,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The names of all parameters the decoder reads, with their shapes, in transformers' names.
+    pub fn parameter_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+        let mut seen = Vec::new();
+        struct Rec<'a>(std::cell::RefCell<&'a mut Vec<(String, Vec<usize>)>>);
+        impl Source for Rec<'_> {
+            fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+                self.0.borrow_mut().push((name.to_string(), shape.to_vec()));
+                Ok(Tensor::zeros(1, DType::F32, &Device::Cpu)?)
+            }
+            fn contains(&self, _: &str) -> bool {
+                true
+            }
+        }
+        let rec = Rec(std::cell::RefCell::new(&mut seen));
+        // Shapes are only recorded; the zero tensors are never used.
+        let mut small = cfg.clone();
+        small.max_position_embeddings = 1;
+        let _ = Decoder::new(&small, &rec, DType::F32, &Device::Cpu, Mode::Infer);
+        seen
+    }
+
+    /// Hidden states after the final norm, (b, t, hidden), for `ids` (b, t). With a cache the
+    /// ids continue the cached positions, and the cache advances by t.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, offset, upcast(self.dtype), &self.device)?)
+        } else {
+            None
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            x = block.forward(&x, &self.rope, mask.as_ref(), c, self.mode)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.norm.forward(&x, self.mode)
+    }
+
+    /// Logits (…, vocab) in f32 (f64 for an f64 model) for hidden states (…, hidden).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let lin = Linear {
+            weight: self.lm_head.clone(),
+            bias: None,
+        };
+        Ok(lin.forward(hidden)?.to_dtype(upcast(self.dtype))?)
+    }
+
+    /// Logits at every position, (b, t, vocab).
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(ids, cache)?)
+    }
+
+    /// log p(targets[i] | ·) for every row of `hidden` (n, hidden) and `targets` (n,), in
+    /// chunks of rows so the vocabulary-sized logits never exist for all rows at once.
+    /// Differentiable in [`Mode::Train`].
+    pub fn target_logprobs(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let n = hidden.dim(0)?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = LOGPROB_CHUNK.min(n - start);
+            let logits = self.logits(&hidden.narrow(0, start, len)?)?;
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
+            parts.push(lp.gather(&tg, 1)?.squeeze(1)?);
+            start += len;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Per-token log-probabilities of each sequence: (b, t-1), entry [r, i] = log p(ids[r, i+1]
+    /// | ids[r, ..=i]). Right padding is harmless: padded positions come after every real one.
+    pub fn sequence_logprobs(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t < 2 {
+            return Ok(Tensor::zeros((b, 0), upcast(self.dtype), &self.device)?);
+        }
+        let h = self.forward_hidden(ids, None)?.narrow(1, 0, t - 1)?;
+        let h = h
+            .contiguous()?
+            .reshape((b * (t - 1), self.cfg.hidden_size))?;
+        let targets = ids.narrow(1, 1, t - 1)?.contiguous()?.flatten_all()?;
+        Ok(self.target_logprobs(&h, &targets)?.reshape((b, t - 1))?)
+    }
+}
+
+/// Additive causal mask (t, offset + t): 0 where query i may see key j, -inf elsewhere.
+pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t + offset).map(move |j| {
+                if j <= i + offset {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t + offset), device)?.to_dtype(dtype)?)
+}

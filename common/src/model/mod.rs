@@ -1,0 +1,59 @@
+//! Models: Hugging Face folders (config.json, safetensors, tokenizer files) and the one
+//! Llama-family decoder.
+
+pub mod config;
+pub mod decoder;
+pub mod files;
+pub mod weights;
+
+pub use config::{Arch, Config};
+pub use decoder::{Decoder, KvCache, Mode};
+pub use files::ModelFiles;
+pub use weights::{Source, Weights};
+
+use crate::tokenizer::{generation_eos, Tok};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+/// A loaded model: its files, config, decoder and tokenizer.
+pub struct Model {
+    pub files: ModelFiles,
+    pub cfg: Config,
+    pub decoder: Decoder,
+    pub tok: Tok,
+    /// Every id that ends a sequence: config.json's, generation_config.json's and the
+    /// tokenizer's EOS, sorted and without repeats.
+    pub eos_ids: Vec<u32>,
+}
+
+impl Model {
+    /// Load a model folder or a cached model id. Config, weights and tokenizer are checked
+    /// against each other before any tensor is read.
+    pub fn load(name: &str, dtype: DType, device: &Device, mode: Mode) -> Result<Model> {
+        let files = ModelFiles::locate(name)?;
+        let cfg = Config::load(&files.config)?;
+        let tok = Tok::load(&files)?;
+        if tok.vocab_len > cfg.vocab_size {
+            bail!(
+                "{}: the tokenizer's vocabulary ({} ids) does not fit the embedding ({} rows, config.json vocab_size)",
+                files.tokenizer.as_ref().unwrap().display(),
+                tok.vocab_len,
+                cfg.vocab_size
+            );
+        }
+        let weights = Weights::open(&files.weights, dtype, device)?;
+        let decoder = Decoder::new(&cfg, &weights, dtype, device, mode)?;
+        let mut eos_ids = cfg.eos_token_ids.clone();
+        eos_ids.extend(generation_eos(&files)?);
+        eos_ids.extend(tok.eos_id);
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Model {
+            files,
+            cfg,
+            decoder,
+            tok,
+            eos_ids,
+        })
+    }
+}

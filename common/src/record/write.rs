@@ -1,0 +1,198 @@
+//! Writing records: JSONL or Parquet to a file, atomically, or JSONL to stdout.
+//!
+//! A file is written to a temporary file beside it and renamed into place by
+//! [`Writer::finish`]; a writer dropped before that (an error, a panic) removes the temporary
+//! file, so make and just never see a half-written output.
+
+use super::{arrow_json, Format, Record, PARQUET_ROW_GROUP};
+use anyhow::{Context, Result};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use tempfile::NamedTempFile;
+
+/// Where records go: a file (format from its extension) or stdout (JSONL).
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub path: Option<PathBuf>,
+    pub format: Format,
+}
+
+impl Output {
+    /// `None` or `-` is stdout; anything else a file whose extension names the format.
+    pub fn parse(path: Option<&str>) -> Result<Output> {
+        match path {
+            None | Some("-") => Ok(Output {
+                path: None,
+                format: Format::Jsonl,
+            }),
+            Some(p) => Ok(Output {
+                path: Some(PathBuf::from(p)),
+                format: Format::require(Path::new(p))?,
+            }),
+        }
+    }
+
+    /// The output's name in messages.
+    pub fn name(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or("<stdout>".to_string(), |p| p.display().to_string())
+    }
+}
+
+enum Sink {
+    Stdout(BufWriter<io::Stdout>),
+    File {
+        tmp: BufWriter<NamedTempFile>,
+        dest: PathBuf,
+    },
+}
+
+/// A record sink. Call [`Writer::finish`] to complete it.
+pub struct Writer {
+    sink: Sink,
+    format: Format,
+    name: String,
+    buffered: Vec<Record>,
+    flush_each: bool,
+    written: usize,
+}
+
+impl Writer {
+    pub fn create(out: &Output) -> Result<Writer> {
+        let name = out.name();
+        let sink = match &out.path {
+            None => Sink::Stdout(BufWriter::with_capacity(1 << 16, io::stdout())),
+            Some(dest) => {
+                let dir = match dest.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!(
+                        ".{}.",
+                        dest.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+                    ))
+                    .suffix(".tmp")
+                    .tempfile_in(&dir)
+                    .with_context(|| {
+                        format!("{name}: cannot create a file in {}", dir.display())
+                    })?;
+                Sink::File {
+                    tmp: BufWriter::with_capacity(1 << 16, tmp),
+                    dest: dest.clone(),
+                }
+            }
+        };
+        Ok(Writer {
+            sink,
+            format: out.format,
+            name,
+            buffered: Vec::new(),
+            flush_each: false,
+            written: 0,
+        })
+    }
+
+    /// Flush after every record, so a reader of the stream (`| head`, `tail -f`) sees each one
+    /// as soon as it exists. For tools whose records come slowly (sampling, scoring).
+    pub fn flush_each(mut self, yes: bool) -> Self {
+        self.flush_each = yes;
+        self
+    }
+
+    /// Records written (or buffered, for Parquet) so far.
+    pub fn count(&self) -> usize {
+        self.written
+    }
+
+    fn out(&mut self) -> &mut dyn Write {
+        match &mut self.sink {
+            Sink::Stdout(w) => w,
+            Sink::File { tmp, .. } => tmp,
+        }
+    }
+
+    pub fn write(&mut self, rec: &Record) -> Result<()> {
+        self.written += 1;
+        match self.format {
+            Format::Parquet => {
+                // The schema is inferred from every record, so the file is written at the end.
+                self.buffered.push(rec.clone());
+                Ok(())
+            }
+            Format::Jsonl => {
+                let flush = self.flush_each;
+                let name = self.name.clone();
+                let w = self.out();
+                serde_json::to_writer(&mut *w, rec)
+                    .map_err(io::Error::from)
+                    .and_then(|_| w.write_all(b"\n"))
+                    .and_then(|_| if flush { w.flush() } else { Ok(()) })
+                    .with_context(|| format!("{name}: cannot write"))
+            }
+        }
+    }
+
+    /// Complete the output: write a Parquet file, flush, and rename the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        let name = self.name.clone();
+        if self.format == Format::Parquet {
+            let records = std::mem::take(&mut self.buffered);
+            match &mut self.sink {
+                Sink::Stdout(w) => write_parquet(w, &records),
+                Sink::File { tmp, .. } => write_parquet(tmp, &records),
+            }
+            .with_context(|| format!("{name}: cannot write Parquet"))?;
+        }
+        match self.sink {
+            Sink::Stdout(mut w) => w.flush().with_context(|| format!("{name}: cannot write")),
+            Sink::File { tmp, dest } => {
+                let tmp = tmp
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .with_context(|| format!("{name}: cannot write"))?;
+                tmp.as_file()
+                    .sync_all()
+                    .with_context(|| format!("{name}: cannot write"))?;
+                tmp.persist(&dest)
+                    .map_err(|e| e.error)
+                    .with_context(|| format!("{name}: cannot rename into place"))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_parquet<W: Write + Send>(w: &mut W, records: &[Record]) -> Result<()> {
+    let schema = arrow_json::schema_for(records);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP))
+        .build();
+    let mut writer = ArrowWriter::try_new(w, schema.clone(), Some(props))?;
+    for chunk in records.chunks(PARQUET_ROW_GROUP) {
+        writer.write(&arrow_json::records_to_batch(&schema, chunk)?)?;
+    }
+    writer.close()?;
+    Ok(())
+}
+
+/// Write bytes to `dest` atomically (temp file beside it, then rename).
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = NamedTempFile::new_in(&dir)
+        .with_context(|| format!("{}: cannot create", dest.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("{}: cannot write", dest.display()))?;
+    tmp.persist(dest)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+# Recipes for cf. `just --list` shows them. None of them is needed: each says the plain command.
+
+# Build the five tools (release)
+build:
+    cargo build --release --bins
+
+# The test suite (what CI runs)
+test:
+    cargo test --release
+
+# The main job on the model that ships with the project
+demo:
+    examples/demo.sh
+
+# Decoder throughput on CPU beside transformers (when installed) in the same run
+bench:
+    cargo run --release --example bench_decoder -- --out out/bench
+    -python3 scripts/bench_transformers.py out/bench
+
+# Regenerate the test models and their float64 references (needs torch + transformers)
+fixtures:
+    python3 scripts/make_fixtures.py
+
+# Lints
+lint:
+    cargo fmt --check
+    cargo clippy --release --all-targets -- -D warnings
+
+# CUDA build (needs a CUDA 12/13 toolkit and CUDA_COMPUTE_CAP, see README)
+cuda:
+    cargo build --release --features cuda --bins

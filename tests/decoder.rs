@@ -1,0 +1,404 @@
+//! The decoder against transformers in float64: per-token log-probs, greedy continuations,
+//! bf16 weights, batching, the KV cache, and gradients.
+
+use crate::util::*;
+use candle_core::{DType, Device, Tensor, Var};
+use cf_common::model::{Config, Decoder, KvCache, Mode, Model, Weights};
+use std::collections::HashMap;
+
+/// f32 computation against the float64 reference. f32 carries ~7 significant digits; through
+/// two layers and a log-softmax over 336 logits of magnitude < 20 the observed error is ~1e-6,
+/// so 1e-4 (the bound) leaves a wide margin while still catching any wrong operation
+/// (a skipped bias or norm weight moves log-probs by > 1e-2).
+const F32_TOL: f64 = 1e-4;
+
+fn load(name: &str, dtype: DType, mode: Mode) -> Model {
+    Model::load(fixture(name).to_str().unwrap(), dtype, &Device::Cpu, mode).unwrap()
+}
+
+fn logprobs(m: &Decoder, seq: &[u32]) -> Vec<f64> {
+    let ids = Tensor::new(seq, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let lp = m
+        .sequence_logprobs(&ids)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    lp.squeeze(0).unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// Greedy decoding of `n` tokens with the KV cache: the prefix once, then one token per step.
+fn greedy(m: &Decoder, prefixes: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(m.cfg.num_layers, prefixes[0].len() + n);
+    let flat: Vec<u32> = prefixes.concat();
+    let mut ids = Tensor::from_vec(flat, (prefixes.len(), prefixes[0].len()), &dev).unwrap();
+    let mut out = vec![Vec::new(); prefixes.len()];
+    for _ in 0..n {
+        let logits = m.forward(&ids, Some(&mut cache)).unwrap();
+        let t = logits.dim(1).unwrap();
+        let last = logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+        let next = last.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        for (o, x) in out.iter_mut().zip(&next) {
+            o.push(*x);
+        }
+        ids = Tensor::new(next.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn logprobs_match_transformers_float64_in_f32() {
+    for fam in FAMILIES.iter().chain(["llama-bf16"].iter()) {
+        let r = reference(fam);
+        for mode in [Mode::Infer, Mode::Train] {
+            let m = load(fam, DType::F32, mode);
+            for (seq, want) in r["sequences"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(r["logprobs"].as_array().unwrap())
+            {
+                let got = logprobs(&m.decoder, &ids(seq));
+                let d = max_abs_diff(&got, &floats(want));
+                assert!(d < F32_TOL, "{fam} {mode:?}: max |Δ logprob| = {d:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_continuation_matches_transformers() {
+    for fam in FAMILIES.iter().chain(["llama-bf16"].iter()) {
+        let r = reference(fam);
+        let g = &r["greedy"];
+        let m = load(fam, DType::F32, Mode::Infer);
+        let got = greedy(&m.decoder, &[ids(&g["prefix"])], ids(&g["tokens"]).len());
+        assert_eq!(
+            got[0],
+            ids(&g["tokens"]),
+            "{fam}: greedy continuation differs"
+        );
+    }
+}
+
+#[test]
+fn f64_compute_matches_reference_to_float64_precision() {
+    // The same code in f64 must agree with float64 transformers to ~1e-10: only a difference
+    // in the operations themselves (not rounding) can show at that level.
+    for fam in FAMILIES {
+        let r = reference(fam);
+        let m = load(fam, DType::F64, Mode::Train);
+        let seq = ids(&r["sequences"][2]);
+        let d = max_abs_diff(&logprobs(&m.decoder, &seq), &floats(&r["logprobs"][2]));
+        assert!(d < 1e-9, "{fam}: f64 max |Δ| = {d:e}");
+    }
+}
+
+#[test]
+fn bf16_compute_stays_within_stated_tolerance() {
+    // bf16 keeps 8 bits of mantissa (relative error 2^-9 ≈ 2e-3 per rounding). Logits of
+    // magnitude ~5 after two layers carry errors of a few 1e-2; we bound the mean absolute
+    // log-prob error at 0.05 nats and the worst token at 0.25 nats.
+    let r = reference("llama-bf16");
+    let m = load("llama-bf16", DType::BF16, Mode::Infer);
+    assert_eq!(m.decoder.dtype(), DType::BF16);
+    let mut all = Vec::new();
+    for (seq, want) in r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["logprobs"].as_array().unwrap())
+    {
+        let got = logprobs(&m.decoder, &ids(seq));
+        all.extend(got.iter().zip(floats(want)).map(|(a, b)| (a - b).abs()));
+    }
+    let mean = all.iter().sum::<f64>() / all.len() as f64;
+    let max = all.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        mean < 0.05 && max < 0.25,
+        "bf16: mean |Δ| {mean}, max |Δ| {max}"
+    );
+}
+
+#[test]
+fn bf16_weights_are_stored_as_bf16() {
+    let files =
+        cf_common::model::ModelFiles::locate(fixture("llama-bf16").to_str().unwrap()).unwrap();
+    let w = Weights::open(&files.weights, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        w.stored_dtype("model.embed_tokens.weight"),
+        Some(DType::BF16)
+    );
+}
+
+#[test]
+fn batched_equals_unbatched() {
+    for fam in FAMILIES {
+        let r = reference(fam);
+        let m = load(fam, DType::F32, Mode::Infer);
+        let seqs: Vec<Vec<u32>> = r["sequences"].as_array().unwrap().iter().map(ids).collect();
+        let t = seqs.iter().map(Vec::len).max().unwrap();
+        // Right padding with id 3: pads come after every real token, so they cannot change
+        // what a real position sees.
+        let padded: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .cloned()
+                    .chain(std::iter::repeat(3).take(t - s.len()))
+            })
+            .collect();
+        let batch = Tensor::from_vec(padded, (seqs.len(), t), &Device::Cpu).unwrap();
+        let lp = m
+            .decoder
+            .sequence_logprobs(&batch)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        for (row, s) in lp.iter().zip(&seqs) {
+            let alone = logprobs(&m.decoder, s);
+            let d = max_abs_diff(&row[..s.len() - 1], &alone);
+            assert!(d < 1e-5, "{fam}: batched vs unbatched max |Δ| = {d:e}");
+        }
+        // Greedy decoding of three different prefixes together equals each alone.
+        let start = seqs[0][0];
+        let prefixes = vec![vec![start, 10], vec![start, 50], vec![start, 200]];
+        let together = greedy(&m.decoder, &prefixes, 12);
+        for (p, got) in prefixes.iter().zip(&together) {
+            assert_eq!(
+                &greedy(&m.decoder, std::slice::from_ref(p), 12)[0],
+                got,
+                "{fam}: batched greedy differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_cache_equals_full_forward_and_dropping_rows_keeps_the_rest() {
+    let m = load("llama3", DType::F32, Mode::Infer);
+    let dev = Device::Cpu;
+    let seqs = [
+        [1u32, 20, 30, 40, 50, 60],
+        [1, 21, 31, 41, 51, 61],
+        [1, 22, 32, 42, 52, 62],
+    ];
+    let full = m
+        .decoder
+        .forward(&Tensor::new(&seqs, &dev).unwrap(), None)
+        .unwrap();
+    let mut cache = KvCache::new(m.cfg.num_layers, 6);
+    // A 3-token prefill, then single tokens; after step 4 row 1 is dropped from the batch.
+    let pre = Tensor::new(&[[1u32, 20, 30], [1, 21, 31], [1, 22, 32]], &dev).unwrap();
+    let mut got = vec![m.decoder.forward(&pre, Some(&mut cache)).unwrap()];
+    let mut rows: Vec<usize> = vec![0, 1, 2];
+    for pos in 3..6 {
+        if pos == 4 {
+            rows = vec![0, 2];
+            cache.select_rows(&[0, 2]).unwrap();
+        }
+        let step: Vec<u32> = rows.iter().map(|&r| seqs[r][pos]).collect();
+        let l = m
+            .decoder
+            .forward(
+                &Tensor::new(step.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap(),
+                Some(&mut cache),
+            )
+            .unwrap();
+        for (i, &r) in rows.iter().enumerate() {
+            let a = l
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = full
+                .get(r)
+                .unwrap()
+                .get(pos)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d < 1e-4,
+                "row {r} pos {pos}: cache vs full max |Δ logit| = {d}"
+            );
+        }
+        got.push(l);
+    }
+    let pre_logits = got[0].to_vec3::<f32>().unwrap();
+    let full3 = full.to_vec3::<f32>().unwrap();
+    for r in 0..3 {
+        for p in 0..3 {
+            let d = pre_logits[r][p]
+                .iter()
+                .zip(&full3[r][p])
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4);
+        }
+    }
+}
+
+/// Parameters of a fixture as Vars (so gradients can reach them), in `dtype`.
+fn vars(name: &str, dtype: DType) -> (Config, HashMap<String, Var>) {
+    let files = cf_common::model::ModelFiles::locate(fixture(name).to_str().unwrap()).unwrap();
+    let cfg = Config::load(&files.config).unwrap();
+    let w = Weights::open(&files.weights, dtype, &Device::Cpu).unwrap();
+    let mut out = HashMap::new();
+    for (n, shape) in Decoder::parameter_shapes(&cfg) {
+        use cf_common::model::Source;
+        out.insert(
+            n.clone(),
+            Var::from_tensor(&w.get(&n, &shape).unwrap()).unwrap(),
+        );
+    }
+    (cfg, out)
+}
+
+fn as_tensors(v: &HashMap<String, Var>) -> HashMap<String, Tensor> {
+    v.iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+fn mean_logprob(d: &Decoder, seqs: &Tensor) -> Tensor {
+    d.sequence_logprobs(seqs).unwrap().mean_all().unwrap()
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() {
+    for fam in FAMILIES {
+        let (cfg, params) = vars(fam, DType::F32);
+        let d = Decoder::new(
+            &cfg,
+            &as_tensors(&params),
+            DType::F32,
+            &Device::Cpu,
+            Mode::Train,
+        )
+        .unwrap();
+        let seqs = Tensor::new(
+            &[
+                [1u32, 40, 41, 42, 43, 44, 45, 46],
+                [1, 7, 8, 9, 10, 11, 12, 13],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let grads = mean_logprob(&d, &seqs).backward().unwrap();
+        assert_eq!(params.len(), Decoder::parameter_shapes(&cfg).len());
+        for (name, v) in &params {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{fam}: {name} got no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{fam}: {name} gradient norm {norm}"
+            );
+        }
+    }
+}
+
+#[test]
+fn inference_mode_cuts_the_graph_so_training_must_not_use_it() {
+    // Documents why Mode::Train exists: candle's fused kernels have no backward.
+    let (cfg, params) = vars("llama", DType::F32);
+    let d = Decoder::new(
+        &cfg,
+        &as_tensors(&params),
+        DType::F32,
+        &Device::Cpu,
+        Mode::Infer,
+    )
+    .unwrap();
+    let seqs = Tensor::new(&[[1u32, 40, 41, 42]], &Device::Cpu).unwrap();
+    let grads = mean_logprob(&d, &seqs).backward().unwrap();
+    let missing = params
+        .values()
+        .filter(|v| grads.get(v.as_tensor()).is_none())
+        .count();
+    assert!(missing > 0, "fused kernels unexpectedly carried gradients");
+}
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    for fam in FAMILIES {
+        let (cfg, params) = vars(fam, DType::F64);
+        let seqs = Tensor::new(
+            &[[1u32, 40, 41, 42, 43, 44], [1, 7, 8, 9, 10, 11]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let d = Decoder::new(
+            &cfg,
+            &as_tensors(&params),
+            DType::F64,
+            &Device::Cpu,
+            Mode::Train,
+        )
+        .unwrap();
+        let grads = mean_logprob(&d, &seqs).backward().unwrap();
+        let loss_with = |name: &str, idx: usize, delta: f64| -> f64 {
+            let mut t = as_tensors(&params);
+            let orig = &params[name];
+            let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            flat[idx] += delta;
+            t.insert(
+                name.to_string(),
+                Tensor::from_vec(flat, orig.shape(), &Device::Cpu).unwrap(),
+            );
+            let d = Decoder::new(&cfg, &t, DType::F64, &Device::Cpu, Mode::Train).unwrap();
+            mean_logprob(&d, &seqs).to_scalar::<f64>().unwrap()
+        };
+        let mut names: Vec<&String> = params.keys().collect();
+        names.sort();
+        for name in names {
+            let g = grads
+                .get(params[name].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            // Two coordinates per tensor: the largest-gradient one and one in the middle.
+            let big = (0..g.len())
+                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                .unwrap();
+            for idx in [big, g.len() / 2] {
+                let h = 1e-5;
+                let fd = (loss_with(name, idx, h) - loss_with(name, idx, -h)) / (2.0 * h);
+                let err = (fd - g[idx]).abs() / g[idx].abs().max(1e-6);
+                assert!(
+                    err < 1e-5,
+                    "{fam}: {name}[{idx}]: autograd {} vs finite difference {fd} (rel {err:e})",
+                    g[idx]
+                );
+            }
+        }
+    }
+}

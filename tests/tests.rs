@@ -1,0 +1,9 @@
+//! The one integration-test binary: a module per area, each driving the real code or the real
+//! executables on the tiny fixture models in `fixtures/models` (made by
+//! `scripts/make_fixtures.py` with transformers; see that script for what the references are).
+
+mod util;
+
+mod decoder;
+mod models;
+mod records;

@@ -1,0 +1,320 @@
+//! What cf-sample generates (one job per sample index) and how: batches of equal-length
+//! prefixes, records written in index order as they finish.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cf_common::cli::LogArgs;
+use cf_common::generate::{generate, sample_rng, Generated, SamplingParams};
+use cf_common::model::Model;
+use cf_common::record::{self, schema, Loc, Output, ReadOptions, Record, Writer};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Where samples start when no prompts are given.
+pub enum Start {
+    /// The document-start token: BOS, else EOS.
+    Document,
+    Text(String),
+    Ids(Vec<u32>),
+    Chat,
+}
+
+/// One sample to draw.
+pub struct Job {
+    pub index: u64,
+    pub prefix_ids: Vec<u32>,
+    pub prefix_kind: &'static str,
+    /// The prompt record, whose fields pass through.
+    pub prompt: Option<Record>,
+}
+
+/// `K/N` with 1 ≤ K ≤ N.
+pub fn parse_shard(s: &str) -> Result<(u64, u64)> {
+    let bad = || anyhow!("--shard {s}: expected K/N with 1 <= K <= N, e.g. 2/4");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u64, u64) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if k == 0 || n == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+pub fn read_prompts(path: &str) -> Result<Vec<(Loc, Record)>> {
+    record::read_all(Some(path), ReadOptions::default())
+}
+
+/// Say which generation_config.json sampling defaults are being ignored.
+pub fn note_generation_config(model: &Model, log: &LogArgs) {
+    let Some(p) = &model.files.generation_config else {
+        return;
+    };
+    let Ok(v) = std::fs::read_to_string(p)
+        .map(|t| serde_json::from_str::<Value>(&t).unwrap_or(Value::Null))
+    else {
+        return;
+    };
+    let set: Vec<String> = [
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "do_sample",
+        "repetition_penalty",
+    ]
+    .iter()
+    .filter_map(|k| v.get(*k).map(|x| format!("{k}={x}")))
+    .collect();
+    if !set.is_empty() {
+        log.info(
+            "cf-sample",
+            format!(
+                "ignoring generation_config.json's {} (pass flags to use them)",
+                set.join(", ")
+            ),
+        );
+    }
+}
+
+/// `[start] + tokens(text)`, without doubling the start token if the text already has it.
+fn after_start(model: &Model, text: &str) -> Result<(Vec<u32>, &'static str)> {
+    let (start, kind) = document_start(model)?;
+    let ids = model.tok.encode(text, false)?;
+    if ids.first() == Some(&start) {
+        return Ok((ids, kind));
+    }
+    Ok((std::iter::once(start).chain(ids).collect(), kind))
+}
+
+fn document_start(model: &Model) -> Result<(u32, &'static str)> {
+    match (model.tok.bos_id, model.tok.document_start()) {
+        (Some(b), _) => Ok((b, "bos")),
+        (None, Some(e)) => Ok((e, "eos")),
+        _ => bail!(
+            "{}: the tokenizer has neither a BOS nor an EOS token; use --prefix-ids",
+            model.files.dir.display()
+        ),
+    }
+}
+
+fn chat_ids(model: &Model, messages: &Value, opening: bool) -> Result<Vec<u32>> {
+    let tmpl = model.tok.chat_template.as_deref().ok_or_else(|| {
+        anyhow!(
+            "{}: the model has no chat template (chat_template.jinja or tokenizer_config.json)",
+            model.files.dir.display()
+        )
+    })?;
+    let (bos, eos) = (
+        model.tok.bos_token.as_deref(),
+        model.tok.eos_token.as_deref(),
+    );
+    let text = if opening {
+        cf_common::chat::user_turn_opening(tmpl, bos, eos)?
+    } else {
+        cf_common::chat::render(tmpl, messages, true, bos, eos)?
+    };
+    // The template writes its own special tokens: never add them again.
+    let ids = model.tok.encode(&text, false)?;
+    if ids.is_empty() {
+        bail!("the chat template rendered no tokens");
+    }
+    Ok(ids)
+}
+
+fn prompt_prefix(model: &Model, loc: &Loc, rec: &Record) -> Result<Vec<u32>> {
+    let got = match (rec.get("prompt"), rec.get("messages")) {
+        (Some(Value::String(s)), _) => after_start(model, s).map(|x| x.0),
+        (Some(m @ Value::Array(_)), _) | (None, Some(m @ Value::Array(_))) => {
+            chat_ids(model, m, false)
+        }
+        _ => Err(anyhow!(
+            "no prompt: expected a \"prompt\" field (text or messages) or a \"messages\" field"
+        )),
+    };
+    got.with_context(|| loc.to_string())
+}
+
+/// Every sample of the unsharded run, in index order.
+pub fn jobs(
+    model: &Model,
+    start: &Start,
+    prompts: Option<&[(Loc, Record)]>,
+    n: usize,
+) -> Result<Vec<Job>> {
+    let vocab = model.cfg.vocab_size as u32;
+    let mut out = Vec::new();
+    match prompts {
+        Some(prompts) => {
+            for (p, (loc, rec)) in prompts.iter().enumerate() {
+                let ids = prompt_prefix(model, loc, rec)?;
+                for j in 0..n {
+                    out.push(Job {
+                        index: (p * n + j) as u64,
+                        prefix_ids: ids.clone(),
+                        prefix_kind: "prompt",
+                        prompt: Some(rec.clone()),
+                    });
+                }
+            }
+        }
+        None => {
+            let (ids, kind) = match start {
+                Start::Document => {
+                    let (s, k) = document_start(model)?;
+                    (vec![s], k)
+                }
+                Start::Text(t) => (after_start(model, t)?.0, "text"),
+                Start::Ids(ids) => {
+                    if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                        bail!("--prefix-ids: id {bad} is outside the vocabulary (0..{vocab})");
+                    }
+                    if ids.is_empty() {
+                        bail!("--prefix-ids: give at least one id");
+                    }
+                    (ids.clone(), "ids")
+                }
+                Start::Chat => (chat_ids(model, &Value::Null, true)?, "chat"),
+            };
+            out.extend((0..n).map(|i| Job {
+                index: i as u64,
+                prefix_ids: ids.clone(),
+                prefix_kind: kind,
+                prompt: None,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+pub struct Run<'a> {
+    pub model: &'a Model,
+    pub model_name: &'a str,
+    pub params: &'a SamplingParams,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub log: &'a LogArgs,
+}
+
+impl Run<'_> {
+    fn record(&self, job: &Job, g: Generated) -> Result<Record> {
+        let mut rec = job.prompt.clone().unwrap_or_default();
+        let body_end = g.tokens.len() - usize::from(g.finish == cf_common::generate::Finish::Eos);
+        let text = self.model.tok.decode(&g.tokens[..body_end], false)?;
+        let p = self.params;
+        let fields = [
+            (schema::TEXT, json!(text)),
+            (schema::TOKEN_IDS, json!(g.tokens)),
+            (schema::PREFIX_IDS, json!(job.prefix_ids)),
+            (schema::PREFIX, json!(job.prefix_kind)),
+            (schema::N_TOKENS, json!(g.tokens.len())),
+            (schema::LOGPROB, json!(g.logprob)),
+            (schema::FINISH_REASON, json!(g.finish.as_str())),
+            (schema::INDEX, json!(job.index)),
+            (schema::SEED, json!(self.seed)),
+            ("temperature", json!(p.temperature)),
+            ("top_p", json!(p.top_p)),
+            ("top_k", json!(p.top_k)),
+            ("min_p", json!(p.min_p)),
+            ("max_tokens", json!(p.max_tokens)),
+            (schema::MODEL, json!(self.model_name)),
+        ];
+        for (k, v) in fields {
+            rec.insert(k.to_string(), v);
+        }
+        Ok(rec)
+    }
+
+    pub fn execute(
+        &self,
+        jobs: Vec<Job>,
+        shard: Option<(u64, u64)>,
+        output: &Output,
+    ) -> Result<()> {
+        let total = jobs.len() as u64;
+        let jobs: Vec<Job> = match shard {
+            Some((k, n)) => {
+                let (lo, hi) = ((k - 1) * total / n, k * total / n);
+                jobs.into_iter()
+                    .filter(|j| (lo..hi).contains(&j.index))
+                    .collect()
+            }
+            None => jobs,
+        };
+        let longest = jobs.iter().map(|j| j.prefix_ids.len()).max().unwrap_or(0);
+        let limit = self.model.cfg.max_position_embeddings;
+        if longest + self.params.max_tokens > limit {
+            bail!("a prefix of {longest} tokens plus --max-tokens {} exceeds the model's {limit} positions", self.params.max_tokens);
+        }
+        let mut writer = Writer::create(output)?.flush_each(true);
+        let bar = if self.log.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(jobs.len() as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} samples {msg} [{elapsed} < {eta}]",
+            )
+            .unwrap(),
+        );
+        let (t0, mut tokens, mut eos) = (Instant::now(), 0usize, 0usize);
+        // Records leave in index order so output bytes do not depend on the batch size.
+        let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
+        let mut next = jobs.first().map_or(0, |j| j.index);
+        let mut i = 0;
+        while i < jobs.len() {
+            let len = jobs[i].prefix_ids.len();
+            let mut j = i;
+            while j < jobs.len() && j - i < self.batch_size && jobs[j].prefix_ids.len() == len {
+                j += 1;
+            }
+            let batch = &jobs[i..j];
+            let prefixes: Vec<Vec<u32>> = batch.iter().map(|b| b.prefix_ids.clone()).collect();
+            let mut rngs: Vec<_> = batch
+                .iter()
+                .map(|b| sample_rng(self.seed, b.index))
+                .collect();
+            generate(
+                &self.model.decoder,
+                &prefixes,
+                &mut rngs,
+                self.params,
+                &self.model.eos_ids,
+                |row, g| {
+                    eos += usize::from(g.finish == cf_common::generate::Finish::Eos);
+                    pending.insert(batch[row].index, self.record(&batch[row], g)?);
+                    bar.inc(1);
+                    while let Some(rec) = pending.remove(&next) {
+                        writer.write(&rec)?;
+                        next += 1;
+                    }
+                    Ok(())
+                },
+                |active| {
+                    tokens += active;
+                    if tokens % 256 < active {
+                        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                        bar.set_message(format!("{:.0} tok/s", tokens as f64 / secs));
+                    }
+                },
+            )?;
+            i = j;
+        }
+        bar.finish_and_clear();
+        let n = writer.count();
+        writer.finish()?;
+        let secs = t0.elapsed().as_secs_f64();
+        self.log.info(
+            "cf-sample",
+            format!(
+                "{n} samples to {}: {tokens} tokens ({eos} ended at EOS, {} at --max-tokens) in {secs:.1} s, {:.0} tokens/s",
+                output.name(),
+                n - eos,
+                tokens as f64 / secs.max(1e-9)
+            ),
+        );
+        Ok(())
+    }
+}
