@@ -6,4 +6,5 @@ mod util;
 
 mod decoder;
 mod models;
+mod sample;
 mod records;
