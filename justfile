@@ -12,10 +12,11 @@ test:
 demo:
     examples/demo.sh
 
-# Decoder throughput on CPU beside transformers (when installed) in the same run
+# Decoder forward/decode and cf-sample throughput on CPU, beside transformers (when installed), same run
 bench:
-    cargo run --release --example bench_decoder -- --out out/bench
-    -python3 scripts/bench_transformers.py out/bench
+    cargo build --release --bins
+    cargo run --release --example bench_decoder -- out/bench
+    python3 scripts/bench_transformers.py out/bench
 
 # Regenerate the test models and their float64 references (needs torch + transformers)
 fixtures:

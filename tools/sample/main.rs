@@ -74,6 +74,10 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     prompts: Option<String>,
 
+    /// Keep generating past EOS until --max-tokens (for fixed-length benchmarks; vLLM's ignore_eos).
+    #[arg(long)]
+    ignore_eos: bool,
+
     /// Sequences decoded together.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -145,6 +149,7 @@ fn run(args: Args) -> Result<()> {
         params: &params,
         seed: args.seed,
         batch_size: args.batch_size,
+        ignore_eos: args.ignore_eos,
         log: &args.log,
     };
     run.execute(jobs, shard, &output)

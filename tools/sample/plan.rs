@@ -194,6 +194,7 @@ pub struct Run<'a> {
     pub params: &'a SamplingParams,
     pub seed: u64,
     pub batch_size: usize,
+    pub ignore_eos: bool,
     pub log: &'a LogArgs,
 }
 
@@ -247,6 +248,7 @@ impl Run<'_> {
         if longest + self.params.max_tokens > limit {
             bail!("a prefix of {longest} tokens plus --max-tokens {} exceeds the model's {limit} positions", self.params.max_tokens);
         }
+        let eos_ids: &[u32] = if self.ignore_eos { &[] } else { &self.model.eos_ids };
         let mut writer = Writer::create(output)?.flush_each(true);
         let bar = if self.log.quiet {
             indicatif::ProgressBar::hidden()
@@ -281,7 +283,7 @@ impl Run<'_> {
                 &prefixes,
                 &mut rngs,
                 self.params,
-                &self.model.eos_ids,
+                eos_ids,
                 |row, g| {
                     eos += usize::from(g.finish == cf_common::generate::Finish::Eos);
                     pending.insert(batch[row].index, self.record(&batch[row], g)?);

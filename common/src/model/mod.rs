@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decoder;
 pub mod files;
+pub mod save;
 pub mod weights;
 
 pub use config::{Arch, Config};
