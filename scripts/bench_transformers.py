@@ -74,6 +74,33 @@ with torch.no_grad():
     hf_s = time.perf_counter() - t0
 rows.append(("cf-sample vs generate (wall, incl. load)", n, n * max_tokens / cf_s, n * max_tokens / hf_s))
 
+# cf-kl (two models score every sample; exact token KL) against a PyTorch forward doing the same.
+samples = os.path.join(out, "cfs.jsonl")
+with open(samples, "w") as f:
+    subprocess.run([cf, "--model", model_dir, "-n", "64", "--batch-size", "64", "--max-tokens", "127", "--ignore-eos", "-q",
+                    "--seed", "1"], check=True, stdout=f)
+kl_bin = cf.replace("cf-sample", "cf-kl")
+res = subprocess.run([kl_bin, "--base", model_dir, "--model", model_dir, samples, "--batch-size", "16", "-q"],
+                     check=True, capture_output=True, text=True)
+cf_kl = json.loads(res.stdout)["tokens_per_s"]
+recs = [json.loads(l) for l in open(samples)]
+base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def score_all():
+    for i in range(0, len(recs), 16):
+        ids = torch.tensor([r["prefix_ids"] + r["token_ids"] for r in recs[i:i + 16]])
+        lp_m = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        lp_b = torch.log_softmax(base(ids).logits[:, :-1].float(), -1)
+        (lp_m.gather(-1, ids[:, 1:, None]).sum(), (lp_b.exp() * (lp_b - lp_m)).sum())
+
+
+with torch.no_grad():
+    t0 = time.perf_counter()
+    score_all()
+    hf_kl = 2 * sum(len(r["token_ids"]) for r in recs) / (time.perf_counter() - t0)
+rows.append(("cf-kl scoring (2 models, exact token KL)", 16, cf_kl, hf_kl))
+
 lines = [f"CPU, f32, {threads} threads, ~25M-parameter Llama config (random weights), transformers {transformers.__version__}, torch {torch.__version__}",
          "", "| measurement | batch | cf tokens/s | transformers tokens/s | cf / transformers |", "|---|---|---|---|---|"]
 for what, b, a, h in rows:

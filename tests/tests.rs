@@ -7,4 +7,5 @@ mod util;
 mod decoder;
 mod models;
 mod sample;
+mod kl;
 mod records;

@@ -105,3 +105,29 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// A copy of fixture `name` in `dir` with every weight moved by uniform noise of standard
+/// deviation `std` (a stand-in for a fine-tuned model).
+pub fn perturbed_model(name: &str, dir: &Path, std: f32, seed: u64) -> PathBuf {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let out = dir.join(format!("{name}-perturbed"));
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let dev = candle_core::Device::Cpu;
+    let mut t = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut names: Vec<String> = t.keys().cloned().collect();
+    names.sort();
+    for n in names {
+        let w = &t[&n];
+        let noise: Vec<f32> = (0..w.elem_count()).map(|_| ((rng.next_u32() as f32 / u32::MAX as f32) - 0.5) * std * 12f32.sqrt()).collect();
+        let noise = candle_core::Tensor::from_vec(noise, w.shape(), &dev).unwrap();
+        let moved = (w + noise).unwrap();
+        t.insert(n, moved);
+    }
+    cf_common::model::save::save_safetensors(&t, &out.join("model.safetensors")).unwrap();
+    out
+}
