@@ -26,10 +26,20 @@ fn make_model(dir: &Path) -> Result<()> {
     let mut tensors = HashMap::new();
     for (name, shape) in Decoder::parameter_shapes(&cfg) {
         let n: usize = shape.iter().product();
-        let std = if name.ends_with("norm.weight") { 0.0 } else { 0.5 / (*shape.last().unwrap() as f32).sqrt() };
+        let std = if name.ends_with("norm.weight") {
+            0.0
+        } else {
+            0.5 / (*shape.last().unwrap() as f32).sqrt()
+        };
         // Uniform with the given standard deviation; norms at 1.
         let v: Vec<f32> = (0..n)
-            .map(|_| if std == 0.0 { 1.0 } else { ((rng.next_u32() as f32 / u32::MAX as f32) - 0.5) * std * 12f32.sqrt() })
+            .map(|_| {
+                if std == 0.0 {
+                    1.0
+                } else {
+                    ((rng.next_u32() as f32 / u32::MAX as f32) - 0.5) * std * 12f32.sqrt()
+                }
+            })
             .collect();
         tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
     }
@@ -54,25 +64,41 @@ fn time(min_secs: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "out/bench".into());
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "out/bench".into());
     let out = Path::new(&out);
     let dir = out.join("model");
     make_model(&dir)?;
     let dev = Device::Cpu;
     let m = Model::load(dir.to_str().unwrap(), DType::F32, &dev, Mode::Infer)?;
     let d = &m.decoder;
-    eprintln!("bench: {} parameters, {} threads", m.cfg.num_params(), candle_core::utils::get_num_threads());
+    eprintln!(
+        "bench: {} parameters, {} threads",
+        m.cfg.num_params(),
+        candle_core::utils::get_num_threads()
+    );
     let mut rows = Vec::new();
     let t = 128;
     for b in [1usize, 4, 16] {
-        let ids = Tensor::from_vec((0..b * t).map(|i| (i * 7919 % 8000) as u32).collect::<Vec<_>>(), (b, t), &dev)?;
+        let ids = Tensor::from_vec(
+            (0..b * t)
+                .map(|i| (i * 7919 % 8000) as u32)
+                .collect::<Vec<_>>(),
+            (b, t),
+            &dev,
+        )?;
         let s = time(2.0, || {
-            d.forward_hidden(&ids, None)?.sum_all()?.to_scalar::<f32>()?;
+            d.forward_hidden(&ids, None)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             Ok(())
         })?;
         let tps = (b * t) as f64 / s;
         eprintln!("bench: forward  batch {b:>2} x {t}: {tps:>9.0} tokens/s");
-        rows.push(serde_json::json!({"what": "forward", "batch": b, "seq": t, "tokens_per_s": tps}));
+        rows.push(
+            serde_json::json!({"what": "forward", "batch": b, "seq": t, "tokens_per_s": tps}),
+        );
     }
     let steps = 64;
     for b in [1usize, 8, 32] {
@@ -88,7 +114,9 @@ fn main() -> Result<()> {
         })?;
         let tps = (b * steps) as f64 / s;
         eprintln!("bench: decode   batch {b:>2} x {steps} steps: {tps:>9.0} tokens/s");
-        rows.push(serde_json::json!({"what": "decode", "batch": b, "steps": steps, "tokens_per_s": tps}));
+        rows.push(
+            serde_json::json!({"what": "decode", "batch": b, "steps": steps, "tokens_per_s": tps}),
+        );
     }
     std::fs::write(out.join("rust.json"), serde_json::to_string_pretty(&rows)?)?;
     Ok(())

@@ -8,7 +8,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 fn records(stdout: &str) -> Vec<Value> {
-    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Two runs drew the same samples: every field equal, except `logprob`, which agrees to float32
@@ -18,7 +21,10 @@ fn assert_same_samples(a: &str, b: &str) {
     assert_eq!(ra.len(), rb.len());
     for (x, y) in ra.iter().zip(&rb) {
         let (mut x, mut y) = (x.clone(), y.clone());
-        let (lx, ly) = (x["logprob"].as_f64().unwrap(), y["logprob"].as_f64().unwrap());
+        let (lx, ly) = (
+            x["logprob"].as_f64().unwrap(),
+            y["logprob"].as_f64().unwrap(),
+        );
         assert!((lx - ly).abs() <= 1e-6 * lx.abs(), "logprob {lx} vs {ly}");
         x["logprob"] = Value::Null;
         y["logprob"] = Value::Null;
@@ -65,9 +71,18 @@ fn chi2(counts: &[f64], probs: &[f64]) -> (f64, f64) {
 }
 
 fn first_token_probs(model: &str) -> (u32, Vec<f64>) {
-    let m = Model::load(fixture(model).to_str().unwrap(), DType::F64, &Device::Cpu, Mode::Infer).unwrap();
+    let m = Model::load(
+        fixture(model).to_str().unwrap(),
+        DType::F64,
+        &Device::Cpu,
+        Mode::Infer,
+    )
+    .unwrap();
     let start = m.tok.document_start().unwrap();
-    let logits = m.decoder.forward(&Tensor::new(&[[start]], &Device::Cpu).unwrap(), None).unwrap();
+    let logits = m
+        .decoder
+        .forward(&Tensor::new(&[[start]], &Device::Cpu).unwrap(), None)
+        .unwrap();
     let p = candle_nn::ops::softmax(&logits.flatten_all().unwrap(), 0).unwrap();
     (start, p.to_vec1::<f64>().unwrap())
 }
@@ -75,39 +90,97 @@ fn first_token_probs(model: &str) -> (u32, Vec<f64>) {
 #[test]
 fn first_tokens_follow_the_model_softmax() {
     let (_, probs) = first_token_probs("olmo");
-    let out = sample("olmo", &["-n", "6000", "--max-tokens", "1", "--seed", "3", "--batch-size", "500", "-q"]);
+    let out = sample(
+        "olmo",
+        &[
+            "-n",
+            "6000",
+            "--max-tokens",
+            "1",
+            "--seed",
+            "3",
+            "--batch-size",
+            "500",
+            "-q",
+        ],
+    );
     let mut counts = vec![0.0; probs.len()];
     for r in records(&out.stdout) {
         counts[r["token_ids"][0].as_u64().unwrap() as usize] += 1.0;
     }
     let (stat, df) = chi2(&counts, &probs);
     assert!(df > 20.0, "too few cells: {df}");
-    assert!(stat < chi2_crit_001(df), "chi-square {stat:.1} on {df} df exceeds {:.1}", chi2_crit_001(df));
+    assert!(
+        stat < chi2_crit_001(df),
+        "chi-square {stat:.1} on {df} df exceeds {:.1}",
+        chi2_crit_001(df)
+    );
 
     // The test has power: tempered samples (T = 0.8) fail it.
-    let hot = sample("olmo", &["-n", "6000", "--max-tokens", "1", "--seed", "3", "--batch-size", "500", "-q", "--temperature", "0.8"]);
+    let hot = sample(
+        "olmo",
+        &[
+            "-n",
+            "6000",
+            "--max-tokens",
+            "1",
+            "--seed",
+            "3",
+            "--batch-size",
+            "500",
+            "-q",
+            "--temperature",
+            "0.8",
+        ],
+    );
     let mut counts = vec![0.0; probs.len()];
     for r in records(&hot.stdout) {
         counts[r["token_ids"][0].as_u64().unwrap() as usize] += 1.0;
     }
     let (stat, df) = chi2(&counts, &probs);
-    assert!(stat > chi2_crit_001(df), "tempered samples passed: {stat:.1} on {df} df");
+    assert!(
+        stat > chi2_crit_001(df),
+        "tempered samples passed: {stat:.1} on {df} df"
+    );
 }
 
 #[test]
 fn logprob_equals_the_scorer() {
     for fam in ["llama3", "qwen2"] {
         let out = sample(fam, &["-n", "6", "--max-tokens", "30", "--seed", "5"]);
-        let m = Model::load(fixture(fam).to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+        let m = Model::load(
+            fixture(fam).to_str().unwrap(),
+            DType::F32,
+            &Device::Cpu,
+            Mode::Infer,
+        )
+        .unwrap();
         for r in records(&out.stdout) {
-            let seq: Vec<u32> = ids(&r["prefix_ids"]).into_iter().chain(ids(&r["token_ids"])).collect();
+            let seq: Vec<u32> = ids(&r["prefix_ids"])
+                .into_iter()
+                .chain(ids(&r["token_ids"]))
+                .collect();
             let n_prefix = r["prefix_ids"].as_array().unwrap().len();
-            let lp = m.decoder.sequence_logprobs(&Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+            let lp = m
+                .decoder
+                .sequence_logprobs(
+                    &Tensor::new(seq.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                )
+                .unwrap();
             let lp: Vec<f32> = lp.squeeze(0).unwrap().to_vec1().unwrap();
             let scored: f64 = lp[n_prefix - 1..].iter().map(|&x| x as f64).sum();
             let got = r["logprob"].as_f64().unwrap();
-            assert!((got - scored).abs() < 1e-3, "{fam}: sample logprob {got} vs scorer {scored}");
-            assert_eq!(r["n_tokens"].as_u64().unwrap() as usize, r["token_ids"].as_array().unwrap().len());
+            assert!(
+                (got - scored).abs() < 1e-3,
+                "{fam}: sample logprob {got} vs scorer {scored}"
+            );
+            assert_eq!(
+                r["n_tokens"].as_u64().unwrap() as usize,
+                r["token_ids"].as_array().unwrap().len()
+            );
         }
     }
 }
@@ -117,35 +190,133 @@ fn temperature_zero_is_transformers_greedy() {
     for fam in FAMILIES {
         let r = reference(fam);
         let want = ids(&r["greedy"]["tokens"]);
-        let out = sample(fam, &["-n", "2", "--max-tokens", &want.len().to_string(), "--temperature", "0"]);
+        let out = sample(
+            fam,
+            &[
+                "-n",
+                "2",
+                "--max-tokens",
+                &want.len().to_string(),
+                "--temperature",
+                "0",
+            ],
+        );
         for rec in records(&out.stdout) {
             let got = ids(&rec["token_ids"]);
             // cf-sample stops at EOS; the reference does not.
             assert_eq!(got, want[..got.len()], "{fam}");
-            assert_eq!(rec["prefix_ids"], r["greedy"]["prefix"], "{fam}: start token");
+            assert_eq!(
+                rec["prefix_ids"], r["greedy"]["prefix"],
+                "{fam}: start token"
+            );
         }
     }
 }
 
 #[test]
 fn same_seed_same_bytes_whatever_the_batch_size() {
-    let a = sample("llama", &["-n", "12", "--max-tokens", "20", "--seed", "9", "--batch-size", "1", "-q"]);
-    let b = sample("llama", &["-n", "12", "--max-tokens", "20", "--seed", "9", "--batch-size", "5", "-q"]);
-    let c = sample("llama", &["-n", "12", "--max-tokens", "20", "--seed", "9", "--batch-size", "64", "-q"]);
+    let a = sample(
+        "llama",
+        &[
+            "-n",
+            "12",
+            "--max-tokens",
+            "20",
+            "--seed",
+            "9",
+            "--batch-size",
+            "1",
+            "-q",
+        ],
+    );
+    let b = sample(
+        "llama",
+        &[
+            "-n",
+            "12",
+            "--max-tokens",
+            "20",
+            "--seed",
+            "9",
+            "--batch-size",
+            "5",
+            "-q",
+        ],
+    );
+    let c = sample(
+        "llama",
+        &[
+            "-n",
+            "12",
+            "--max-tokens",
+            "20",
+            "--seed",
+            "9",
+            "--batch-size",
+            "64",
+            "-q",
+        ],
+    );
     assert_same_samples(&a.stdout, &b.stdout);
     assert_same_samples(&a.stdout, &c.stdout);
-    let again = sample("llama", &["-n", "12", "--max-tokens", "20", "--seed", "9", "--batch-size", "5", "-q"]);
+    let again = sample(
+        "llama",
+        &[
+            "-n",
+            "12",
+            "--max-tokens",
+            "20",
+            "--seed",
+            "9",
+            "--batch-size",
+            "5",
+            "-q",
+        ],
+    );
     assert_eq!(b.stdout, again.stdout, "same flags, same bytes");
-    let d = sample("llama", &["-n", "12", "--max-tokens", "20", "--seed", "10", "-q"]);
-    assert_ne!(a.stdout, d.stdout, "a different seed must give different samples");
-    let idx: Vec<u64> = records(&a.stdout).iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    let d = sample(
+        "llama",
+        &["-n", "12", "--max-tokens", "20", "--seed", "10", "-q"],
+    );
+    assert_ne!(
+        a.stdout, d.stdout,
+        "a different seed must give different samples"
+    );
+    let idx: Vec<u64> = records(&a.stdout)
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(idx, (0..12).collect::<Vec<_>>());
 }
 
 #[test]
 fn shards_concatenate_to_the_unsharded_output() {
-    let whole = sample("olmo2", &["-n", "10", "--max-tokens", "16", "--seed", "2", "-q"]).stdout;
-    let parts: String = (1..=3).map(|k| sample("olmo2", &["-n", "10", "--max-tokens", "16", "--seed", "2", "-q", "--shard", &format!("{k}/3"), "--batch-size", "2"]).stdout).collect();
+    let whole = sample(
+        "olmo2",
+        &["-n", "10", "--max-tokens", "16", "--seed", "2", "-q"],
+    )
+    .stdout;
+    let parts: String = (1..=3)
+        .map(|k| {
+            sample(
+                "olmo2",
+                &[
+                    "-n",
+                    "10",
+                    "--max-tokens",
+                    "16",
+                    "--seed",
+                    "2",
+                    "-q",
+                    "--shard",
+                    &format!("{k}/3"),
+                    "--batch-size",
+                    "2",
+                ],
+            )
+            .stdout
+        })
+        .collect();
     assert_same_samples(&whole, &parts);
 }
 
@@ -153,7 +324,17 @@ fn shards_concatenate_to_the_unsharded_output() {
 fn jsonl_and_parquet_outputs_carry_the_same_rows() {
     let dir = tempfile::tempdir().unwrap();
     let m = fixture("qwen2");
-    let base = ["--model", m.to_str().unwrap(), "-n", "5", "--max-tokens", "12", "--seed", "4", "-q"];
+    let base = [
+        "--model",
+        m.to_str().unwrap(),
+        "-n",
+        "5",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "4",
+        "-q",
+    ];
     for out in ["s.jsonl", "s.parquet"] {
         let mut a = base.to_vec();
         a.extend(["-o", out]);
@@ -162,12 +343,26 @@ fn jsonl_and_parquet_outputs_carry_the_same_rows() {
         assert!(r.stdout.is_empty(), "data went to stdout with -o");
     }
     let read = |f: &str| -> Vec<cf_common::record::Record> {
-        cf_common::record::open(Some(dir.path().join(f).to_str().unwrap()), Default::default()).unwrap().map(|x| x.unwrap().1).collect()
+        cf_common::record::open(
+            Some(dir.path().join(f).to_str().unwrap()),
+            Default::default(),
+        )
+        .unwrap()
+        .map(|x| x.unwrap().1)
+        .collect()
     };
     let (j, p) = (read("s.jsonl"), read("s.parquet"));
     assert_eq!(j.len(), 5);
     for (a, b) in j.iter().zip(&p) {
-        for k in ["text", "token_ids", "prefix_ids", "finish_reason", "index", "model", "top_p"] {
+        for k in [
+            "text",
+            "token_ids",
+            "prefix_ids",
+            "finish_reason",
+            "index",
+            "model",
+            "top_p",
+        ] {
             assert_eq!(a[k], b[k], "field {k}");
         }
         assert_eq!(a["logprob"].as_f64(), b["logprob"].as_f64());
@@ -181,13 +376,23 @@ fn jsonl_and_parquet_outputs_carry_the_same_rows() {
 fn a_closed_pipe_exits_quietly() {
     let m = fixture("llama");
     let mut child = Command::new(bin("cf-sample"))
-        .args(["--model", m.to_str().unwrap(), "-n", "100000", "--max-tokens", "64", "-q"])
+        .args([
+            "--model",
+            m.to_str().unwrap(),
+            "-n",
+            "100000",
+            "--max-tokens",
+            "64",
+            "-q",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     // The reader is dropped here: what `| head -1` does.
     let out = child.wait_with_output().unwrap();
     assert!(line.starts_with("{\"text\""));
@@ -201,41 +406,83 @@ fn bad_flags_fail_fast_with_one_line() {
     let m = fixture("llama");
     let m = m.to_str().unwrap();
     let cases: [(&[&str], &str); 6] = [
-        (&["--model", m, "--top-p", "2"], "--top-p must be in (0, 1], got 2"),
-        (&["--model", m, "--shard", "3/2"], "--shard 3/2: expected K/N with 1 <= K <= N"),
-        (&["--model", m, "--prefix-ids", "1,99999"], "--prefix-ids: id 99999 is outside the vocabulary (0..336)"),
-        (&["--model", m, "--max-tokens", "500"], "a prefix of 1 tokens plus --max-tokens 500 exceeds the model's 128 positions"),
-        (&["--model", m, "-o", "x.txt"], "x.txt: cannot tell the format from the extension"),
+        (
+            &["--model", m, "--top-p", "2"],
+            "--top-p must be in (0, 1], got 2",
+        ),
+        (
+            &["--model", m, "--shard", "3/2"],
+            "--shard 3/2: expected K/N with 1 <= K <= N",
+        ),
+        (
+            &["--model", m, "--prefix-ids", "1,99999"],
+            "--prefix-ids: id 99999 is outside the vocabulary (0..336)",
+        ),
+        (
+            &["--model", m, "--max-tokens", "500"],
+            "a prefix of 1 tokens plus --max-tokens 500 exceeds the model's 128 positions",
+        ),
+        (
+            &["--model", m, "-o", "x.txt"],
+            "x.txt: cannot tell the format from the extension",
+        ),
         (&["--model", m, "--chat"], "the model has no chat template"),
     ];
     for (args, msg) in cases {
         let r = run("cf-sample", args, dir.path(), None);
         assert_eq!(r.code, 2, "{r}");
         assert_eq!(r.stderr.lines().count(), 1, "{r}");
-        assert!(r.stderr.starts_with("cf-sample: error: ") && r.stderr.contains(msg), "{r}");
+        assert!(
+            r.stderr.starts_with("cf-sample: error: ") && r.stderr.contains(msg),
+            "{r}"
+        );
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a failed run left files");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "a failed run left files"
+    );
 }
 
 #[test]
 fn tempered_sampling_warns() {
     let r = sample("llama", &["-n", "1", "--max-tokens", "2", "--top-k", "5"]);
-    assert!(r.stderr.contains("warning: tempered or truncated sampling"), "{r}");
+    assert!(
+        r.stderr.contains("warning: tempered or truncated sampling"),
+        "{r}"
+    );
     let r = sample("llama", &["-n", "1", "--max-tokens", "2"]);
     assert!(!r.stderr.contains("warning"), "{r}");
 }
 
 #[test]
 fn prefixes_chat_and_prompts() {
-    let m = Model::load(fixture("qwen2").to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+    let m = Model::load(
+        fixture("qwen2").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+        Mode::Infer,
+    )
+    .unwrap();
     // --prefix: after the document-start token (EOS for this model, which has no BOS).
-    let r = records(&sample("qwen2", &["-n", "1", "--max-tokens", "3", "--prefix", "Question:"]).stdout);
-    let want: Vec<u32> = std::iter::once(m.tok.eos_id.unwrap()).chain(m.tok.encode("Question:", false).unwrap()).collect();
+    let r = records(
+        &sample(
+            "qwen2",
+            &["-n", "1", "--max-tokens", "3", "--prefix", "Question:"],
+        )
+        .stdout,
+    );
+    let want: Vec<u32> = std::iter::once(m.tok.eos_id.unwrap())
+        .chain(m.tok.encode("Question:", false).unwrap())
+        .collect();
     assert_eq!(ids(&r[0]["prefix_ids"]), want);
     assert_eq!(r[0]["prefix"], "text");
     // --chat: the ChatML opening of a user turn.
     let r = records(&sample("qwen2", &["-n", "1", "--max-tokens", "3", "--chat"]).stdout);
-    assert_eq!(ids(&r[0]["prefix_ids"]), m.tok.encode("<|im_start|>user\n", false).unwrap());
+    assert_eq!(
+        ids(&r[0]["prefix_ids"]),
+        m.tok.encode("<|im_start|>user\n", false).unwrap()
+    );
     // --prompts: text and messages; prompt fields pass through; n samples per prompt.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -244,17 +491,52 @@ fn prefixes_chat_and_prompts() {
     )
     .unwrap();
     let fx = fixture("qwen2");
-    let out = run("cf-sample", &["--model", fx.to_str().unwrap(), "--prompts", "p.jsonl", "-n", "2", "--max-tokens", "4", "-q"], dir.path(), None);
+    let out = run(
+        "cf-sample",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "--prompts",
+            "p.jsonl",
+            "-n",
+            "2",
+            "--max-tokens",
+            "4",
+            "-q",
+        ],
+        dir.path(),
+        None,
+    );
     assert_eq!(out.code, 0, "{out}");
     let r = records(&out.stdout);
     assert_eq!(r.len(), 4);
-    assert_eq!(r.iter().map(|x| x["id"].as_str().unwrap()).collect::<String>(), "aabb");
-    let chat = m.tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", false).unwrap();
+    assert_eq!(
+        r.iter()
+            .map(|x| x["id"].as_str().unwrap())
+            .collect::<String>(),
+        "aabb"
+    );
+    let chat = m
+        .tok
+        .encode(
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap();
     assert_eq!(ids(&r[2]["prefix_ids"]), chat);
     assert_eq!(r[2]["prefix"], "prompt");
     // A prompt record without a prompt is named by file and line.
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"prompt\": \"x\"}\n{\"question\": \"y\"}\n").unwrap();
-    let out = run("cf-sample", &["--model", fx.to_str().unwrap(), "--prompts", "bad.jsonl"], dir.path(), None);
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"prompt\": \"x\"}\n{\"question\": \"y\"}\n",
+    )
+    .unwrap();
+    let out = run(
+        "cf-sample",
+        &["--model", fx.to_str().unwrap(), "--prompts", "bad.jsonl"],
+        dir.path(),
+        None,
+    );
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("bad.jsonl:2: no prompt"), "{out}");
 }

@@ -5,7 +5,8 @@
 mod util;
 
 mod decoder;
-mod models;
-mod sample;
 mod kl;
+mod mix;
+mod models;
 mod records;
+mod sample;

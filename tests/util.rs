@@ -123,7 +123,9 @@ pub fn perturbed_model(name: &str, dir: &Path, std: f32, seed: u64) -> PathBuf {
     names.sort();
     for n in names {
         let w = &t[&n];
-        let noise: Vec<f32> = (0..w.elem_count()).map(|_| ((rng.next_u32() as f32 / u32::MAX as f32) - 0.5) * std * 12f32.sqrt()).collect();
+        let noise: Vec<f32> = (0..w.elem_count())
+            .map(|_| ((rng.next_u32() as f32 / u32::MAX as f32) - 0.5) * std * 12f32.sqrt())
+            .collect();
         let noise = candle_core::Tensor::from_vec(noise, w.shape(), &dev).unwrap();
         let moved = (w + noise).unwrap();
         t.insert(n, moved);

@@ -46,16 +46,22 @@ impl Stat {
 }
 
 fn id_list(rec: &Record, field: &str, vocab: usize) -> Result<Option<Vec<u32>>> {
-    let Some(v) = rec.get(field) else { return Ok(None) };
+    let Some(v) = rec.get(field) else {
+        return Ok(None);
+    };
     if v.is_null() {
         return Ok(None);
     }
-    let arr = v.as_array().ok_or_else(|| anyhow!("\"{field}\" is not a list of token ids"))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| anyhow!("\"{field}\" is not a list of token ids"))?;
     arr.iter()
         .enumerate()
         .map(|(i, x)| match x.as_u64() {
             Some(id) if (id as usize) < vocab => Ok(id as u32),
-            Some(id) => Err(anyhow!("{field}[{i}] = {id} is outside the vocabulary (0..{vocab})")),
+            Some(id) => Err(anyhow!(
+                "{field}[{i}] = {id} is outside the vocabulary (0..{vocab})"
+            )),
             None => Err(anyhow!("{field}[{i}] is not a token id")),
         })
         .collect::<Result<Vec<u32>>>()
@@ -69,8 +75,13 @@ fn item(scorer: &Scorer, rec: &Record) -> Result<Item> {
     let vocab = m.cfg.vocab_size;
     let prefix = match id_list(rec, "prefix_ids", vocab)? {
         Some(p) if !p.is_empty() => p,
-        Some(_) => bail!("\"prefix_ids\" is empty: a sample must be conditioned on at least one token"),
-        None => vec![m.tok.document_start().ok_or_else(|| anyhow!("no prefix_ids, and the tokenizer has no BOS or EOS"))?],
+        Some(_) => {
+            bail!("\"prefix_ids\" is empty: a sample must be conditioned on at least one token")
+        }
+        None => vec![m
+            .tok
+            .document_start()
+            .ok_or_else(|| anyhow!("no prefix_ids, and the tokenizer has no BOS or EOS"))?],
     };
     let tokens = match (id_list(rec, "token_ids", vocab)?, rec.get("text")) {
         (Some(t), _) => t,
@@ -81,7 +92,11 @@ fn item(scorer: &Scorer, rec: &Record) -> Result<Item> {
         bail!("the sample has no tokens");
     }
     if prefix.len() + tokens.len() > m.cfg.max_position_embeddings {
-        bail!("{} tokens exceed the model's {} positions", prefix.len() + tokens.len(), m.cfg.max_position_embeddings);
+        bail!(
+            "{} tokens exceed the model's {} positions",
+            prefix.len() + tokens.len(),
+            m.cfg.max_position_embeddings
+        );
     }
     Ok(Item { prefix, tokens })
 }
@@ -95,7 +110,12 @@ fn tempered(rec: &Record) -> bool {
         || num("min_p").is_some_and(|p| p > 0.0)
 }
 
-pub fn run(scorer: &Scorer, mut reader: Reader, per_record: Option<&Output>, args: &Args) -> Result<Summary> {
+pub fn run(
+    scorer: &Scorer,
+    mut reader: Reader,
+    per_record: Option<&Output>,
+    args: &Args,
+) -> Result<Summary> {
     let with_base = scorer.base.is_some();
     let mut writer = per_record.map(Writer::create).transpose()?;
     let (mut seq, mut tok) = (Stat::default(), Stat::default());
@@ -106,20 +126,31 @@ pub fn run(scorer: &Scorer, mut reader: Reader, per_record: Option<&Output>, arg
         if batch.is_empty() {
             return Ok(());
         }
-        let items: Vec<Item> = batch.iter_mut().map(|(_, _, it)| std::mem::replace(it, Item { prefix: vec![], tokens: vec![] })).collect();
+        let items: Vec<Item> = batch
+            .iter_mut()
+            .map(|(_, _, it)| {
+                std::mem::replace(
+                    it,
+                    Item {
+                        prefix: vec![],
+                        tokens: vec![],
+                    },
+                )
+            })
+            .collect();
         let scores = scorer.score(&items)?;
         for ((loc, mut rec, _), (s, it)) in batch.drain(..).zip(scores.into_iter().zip(&items)) {
             let lp0 = match s.logprob_base {
                 Some(b) => b,
-                None => rec
-                    .get("logprob")
-                    .and_then(Value::as_f64)
-                    .ok_or_else(|| anyhow!("{loc}: no \"logprob\" field; give --base to score the original model"))?,
+                None => rec.get("logprob").and_then(Value::as_f64).ok_or_else(|| {
+                    anyhow!("{loc}: no \"logprob\" field; give --base to score the original model")
+                })?,
             };
             let kl_seq = lp0 - s.logprob_model;
             seq.push(kl_seq);
             tokens += it.tokens.len();
-            truncated += usize::from(rec.get("finish_reason").and_then(Value::as_str) == Some("length"));
+            truncated +=
+                usize::from(rec.get("finish_reason").and_then(Value::as_str) == Some("length"));
             biased += usize::from(tempered(&rec));
             if let Some(k) = s.kl_token {
                 tok.push(k);
@@ -162,7 +193,8 @@ pub fn run(scorer: &Scorer, mut reader: Reader, per_record: Option<&Output>, arg
         args.log.warn(tool, format!("{truncated} of {} samples were cut at the length limit: the estimates are of the KL between the length-truncated distributions", seq.n));
     }
     if reader.skipped() > 0 {
-        args.log.warn(tool, format!("skipped {} bad records", reader.skipped()));
+        args.log
+            .warn(tool, format!("skipped {} bad records", reader.skipped()));
     }
     let n_models = if with_base { 2.0 } else { 1.0 };
     args.log.info(tool, format!("scored {} samples, {tokens} tokens under {n_models} model(s) in {secs:.1} s: {:.0} tokens/s", seq.n, tokens as f64 * n_models / secs.max(1e-9)));
@@ -189,11 +221,25 @@ pub fn run(scorer: &Scorer, mut reader: Reader, per_record: Option<&Output>, arg
         est.insert("kl_token".into(), json!("token-level Rao-Blackwellised: mean over samples of the sum over positions t of the exact KL(p_base(.|x<t) || p_model(.|x<t)) over the vocabulary"));
     }
     map.insert("estimators".into(), Value::Object(est));
-    map.insert("ci95_method".into(), json!("normal approximation: estimate ± 1.96 standard errors"));
+    map.insert(
+        "ci95_method".into(),
+        json!("normal approximation: estimate ± 1.96 standard errors"),
+    );
     map.insert("truncated".into(), json!(truncated));
     map.insert("tempered_or_truncated_sampling".into(), json!(biased));
     map.insert("skipped".into(), json!(reader.skipped()));
-    map.insert("tokens_per_s".into(), json!(tokens as f64 * n_models / secs.max(1e-9)));
-    let (primary, primary_name) = if with_base { (tok.mean, "kl_token") } else { (seq.mean, "kl_seq") };
-    Ok(Summary { json: j, primary, primary_name })
+    map.insert(
+        "tokens_per_s".into(),
+        json!(tokens as f64 * n_models / secs.max(1e-9)),
+    );
+    let (primary, primary_name) = if with_base {
+        (tok.mean, "kl_token")
+    } else {
+        (seq.mean, "kl_seq")
+    };
+    Ok(Summary {
+        json: j,
+        primary,
+        primary_name,
+    })
 }

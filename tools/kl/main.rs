@@ -76,15 +76,28 @@ fn run(args: Args) -> Result<()> {
             bail!("--max must be a number, got {x}");
         }
     }
-    let per_record = args.per_record.as_deref().map(|p| Output::parse(Some(p))).transpose()?;
+    let per_record = args
+        .per_record
+        .as_deref()
+        .map(|p| Output::parse(Some(p)))
+        .transpose()?;
     if let Some(dt) = &args.model.dtype {
         parse_dtype(dt)?;
     }
-    let reader = cf_common::record::open(args.input.as_deref(), ReadOptions { skip_bad: args.skip_bad })?;
+    let reader = cf_common::record::open(
+        args.input.as_deref(),
+        ReadOptions {
+            skip_bad: args.skip_bad,
+        },
+    )?;
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
     let model = Model::load(&args.model.model, dtype, &device, Mode::Infer)?;
-    let base = args.base.as_deref().map(|b| Model::load(b, dtype, &device, Mode::Infer)).transpose()?;
+    let base = args
+        .base
+        .as_deref()
+        .map(|b| Model::load(b, dtype, &device, Mode::Infer))
+        .transpose()?;
     if let Some(b) = &base {
         if b.cfg.vocab_size != model.cfg.vocab_size {
             bail!(
@@ -94,7 +107,11 @@ fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let scorer = score::Scorer { model: &model, base: base.as_ref(), batch_size: args.batch_size };
+    let scorer = score::Scorer {
+        model: &model,
+        base: base.as_ref(),
+        batch_size: args.batch_size,
+    };
     let summary = estimate::run(&scorer, reader, per_record.as_ref(), &args)?;
     let to_stderr = per_record.as_ref().is_some_and(|o| o.path.is_none());
     let text = serde_json::to_string_pretty(&summary.json)?;

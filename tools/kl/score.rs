@@ -34,7 +34,11 @@ impl Scorer<'_> {
     /// Score a batch of items (right-padded into one forward pass per model).
     pub fn score(&self, items: &[Item]) -> Result<Vec<Scores>> {
         let dev = self.model.decoder.device();
-        let t = items.iter().map(|i| i.prefix.len() + i.tokens.len()).max().unwrap_or(0);
+        let t = items
+            .iter()
+            .map(|i| i.prefix.len() + i.tokens.len())
+            .max()
+            .unwrap_or(0);
         let b = items.len();
         // Padding sits after every real token, so causal attention never lets it change a real
         // position; its positions are simply not gathered.
@@ -54,13 +58,19 @@ impl Scorer<'_> {
         let targets = Tensor::new(targets.as_slice(), dev)?;
         let hidden = |m: &Model| -> Result<Tensor> {
             let h = m.decoder.forward_hidden(&ids, None)?;
-            Ok(h.reshape((b * t, m.cfg.hidden_size))?.index_select(&rows, 0)?)
+            Ok(h.reshape((b * t, m.cfg.hidden_size))?
+                .index_select(&rows, 0)?)
         };
         let hm = hidden(self.model)?;
         let hb = self.base.map(hidden).transpose()?;
         let n = owner.len();
-        let mut out: Vec<Scores> =
-            (0..b).map(|_| Scores { logprob_model: 0.0, logprob_base: self.base.map(|_| 0.0), kl_token: self.base.map(|_| 0.0) }).collect();
+        let mut out: Vec<Scores> = (0..b)
+            .map(|_| Scores {
+                logprob_model: 0.0,
+                logprob_base: self.base.map(|_| 0.0),
+                kl_token: self.base.map(|_| 0.0),
+            })
+            .collect();
         let mut start = 0;
         while start < n {
             let len = ROWS.min(n - start);

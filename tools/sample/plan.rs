@@ -248,7 +248,11 @@ impl Run<'_> {
         if longest + self.params.max_tokens > limit {
             bail!("a prefix of {longest} tokens plus --max-tokens {} exceeds the model's {limit} positions", self.params.max_tokens);
         }
-        let eos_ids: &[u32] = if self.ignore_eos { &[] } else { &self.model.eos_ids };
+        let eos_ids: &[u32] = if self.ignore_eos {
+            &[]
+        } else {
+            &self.model.eos_ids
+        };
         let mut writer = Writer::create(output)?.flush_each(true);
         let bar = if self.log.quiet {
             indicatif::ProgressBar::hidden()

@@ -75,6 +75,24 @@ fn from_cache(id: &str) -> Result<PathBuf> {
 }
 
 impl ModelFiles {
+    /// The tokenizer files of a folder that may hold no model (or of a model folder).
+    pub fn tokenizer_only(name: &str) -> Result<ModelFiles> {
+        let dir = PathBuf::from(name);
+        if !dir.is_dir() {
+            bail!("{name}: no such tokenizer folder (expected tokenizer.json inside)");
+        }
+        Ok(ModelFiles {
+            name: name.to_string(),
+            config: dir.join("config.json"),
+            weights: Vec::new(),
+            tokenizer: existing(dir.join("tokenizer.json")),
+            tokenizer_config: existing(dir.join("tokenizer_config.json")),
+            generation_config: existing(dir.join("generation_config.json")),
+            chat_template: existing(dir.join("chat_template.jinja")),
+            dir,
+        })
+    }
+
     /// Locate a model given as a folder or a cached model id.
     pub fn locate(name: &str) -> Result<ModelFiles> {
         let path = Path::new(name);

@@ -22,6 +22,8 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(items, Some(meta), tmp.path())
         .map_err(|e| anyhow!("{}: cannot write: {e}", path.display()))?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

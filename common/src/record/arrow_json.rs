@@ -167,6 +167,31 @@ fn build(t: &JType, vals: &[Option<&Value>]) -> ArrayRef {
     }
 }
 
+/// Infers one schema from records seen one at a time (so a tool can learn the schema in a first
+/// pass and then stream a Parquet file in a second).
+#[derive(Clone, Debug)]
+pub struct SchemaInfer(JType);
+
+impl Default for SchemaInfer {
+    fn default() -> Self {
+        SchemaInfer(JType::Struct(Vec::new()))
+    }
+}
+
+impl SchemaInfer {
+    pub fn push(&mut self, rec: &Record) {
+        let t = JType::Struct(rec.iter().map(|(k, v)| (k.clone(), infer(v))).collect());
+        self.0 = merge(std::mem::replace(&mut self.0, JType::Null), t);
+    }
+
+    pub fn schema(&self) -> Arc<Schema> {
+        let JType::Struct(fields) = &self.0 else {
+            unreachable!()
+        };
+        Arc::new(Schema::new(struct_fields(fields)))
+    }
+}
+
 /// The Arrow schema that holds all `records`.
 pub fn schema_for(records: &[Record]) -> Arc<Schema> {
     let t = records

@@ -10,6 +10,7 @@ mod read;
 pub mod schema;
 mod write;
 
+pub use arrow_json::SchemaInfer;
 pub use read::{open, read_all, Loc, Pos, ReadOptions, Reader};
 pub use write::{write_atomic, Output, Writer};
 

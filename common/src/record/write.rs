@@ -6,11 +6,13 @@
 
 use super::{arrow_json, Format, Record, PARQUET_ROW_GROUP};
 use anyhow::{Context, Result};
+use arrow_schema::Schema;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tempfile::NamedTempFile;
 
 /// Where records go: a file (format from its extension) or stdout (JSONL).
@@ -43,17 +45,44 @@ impl Output {
     }
 }
 
+struct ParquetSink(ArrowWriter<Sink>);
+
 enum Sink {
     Stdout(BufWriter<io::Stdout>),
     File {
         tmp: BufWriter<NamedTempFile>,
         dest: PathBuf,
     },
+    /// Lent to a streaming Parquet writer until finish().
+    Taken,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Stdout(w) => w.write(buf),
+            Sink::File { tmp, .. } => tmp.write(buf),
+            Sink::Taken => Err(io::Error::other(
+                "output already handed to the Parquet writer",
+            )),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout(w) => w.flush(),
+            Sink::File { tmp, .. } => tmp.flush(),
+            Sink::Taken => Ok(()),
+        }
+    }
 }
 
 /// A record sink. Call [`Writer::finish`] to complete it.
 pub struct Writer {
     sink: Sink,
+    /// A Parquet schema known in advance: rows are then written a row group at a time.
+    schema: Option<Arc<Schema>>,
+    parquet: Option<ParquetSink>,
     format: Format,
     name: String,
     buffered: Vec<Record>,
@@ -89,6 +118,8 @@ impl Writer {
         };
         Ok(Writer {
             sink,
+            schema: None,
+            parquet: None,
             format: out.format,
             name,
             buffered: Vec::new(),
@@ -104,24 +135,32 @@ impl Writer {
         self
     }
 
+    /// Declare the schema of every record to come (from [`super::SchemaInfer`]), so Parquet is
+    /// written in row groups as records arrive instead of being held until the end.
+    pub fn with_schema(mut self, schema: Arc<Schema>) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+
     /// Records written (or buffered, for Parquet) so far.
     pub fn count(&self) -> usize {
         self.written
     }
 
     fn out(&mut self) -> &mut dyn Write {
-        match &mut self.sink {
-            Sink::Stdout(w) => w,
-            Sink::File { tmp, .. } => tmp,
-        }
+        &mut self.sink
     }
 
     pub fn write(&mut self, rec: &Record) -> Result<()> {
         self.written += 1;
         match self.format {
             Format::Parquet => {
-                // The schema is inferred from every record, so the file is written at the end.
+                // Without a declared schema it is inferred from every record, so the file is
+                // written at the end.
                 self.buffered.push(rec.clone());
+                if self.schema.is_some() && self.buffered.len() >= PARQUET_ROW_GROUP {
+                    self.flush_group()?;
+                }
                 Ok(())
             }
             Format::Jsonl => {
@@ -137,18 +176,49 @@ impl Writer {
         }
     }
 
+    fn flush_group(&mut self) -> Result<()> {
+        let name = self.name.clone();
+        let schema = self.schema.clone().expect("flush_group needs a schema");
+        let records = std::mem::take(&mut self.buffered);
+        if self.parquet.is_none() {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP))
+                .build();
+            let sink = std::mem::replace(&mut self.sink, Sink::Taken);
+            let w = ArrowWriter::try_new(sink, schema.clone(), Some(props))
+                .with_context(|| format!("{name}: cannot write Parquet"))?;
+            self.parquet = Some(ParquetSink(w));
+        }
+        let batch = arrow_json::records_to_batch(&schema, &records)
+            .with_context(|| format!("{name}: cannot write Parquet"))?;
+        let w = &mut self.parquet.as_mut().unwrap().0;
+        w.write(&batch)
+            .with_context(|| format!("{name}: cannot write Parquet"))?;
+        w.flush()
+            .with_context(|| format!("{name}: cannot write Parquet"))?;
+        Ok(())
+    }
+
     /// Complete the output: write a Parquet file, flush, and rename the file into place.
     pub fn finish(mut self) -> Result<()> {
         let name = self.name.clone();
-        if self.format == Format::Parquet {
-            let records = std::mem::take(&mut self.buffered);
-            match &mut self.sink {
-                Sink::Stdout(w) => write_parquet(w, &records),
-                Sink::File { tmp, .. } => write_parquet(tmp, &records),
+        if self.format == Format::Parquet && self.schema.is_some() {
+            if !self.buffered.is_empty() || self.parquet.is_none() {
+                self.flush_group()?;
             }
-            .with_context(|| format!("{name}: cannot write Parquet"))?;
+            // into_inner flushes the last row group and writes the footer.
+            let w = self.parquet.take().unwrap().0;
+            self.sink = w
+                .into_inner()
+                .with_context(|| format!("{name}: cannot write Parquet"))?;
+        } else if self.format == Format::Parquet {
+            let records = std::mem::take(&mut self.buffered);
+            write_parquet(&mut self.sink, &records)
+                .with_context(|| format!("{name}: cannot write Parquet"))?;
         }
         match self.sink {
+            Sink::Taken => unreachable!("the Parquet writer returned the sink"),
             Sink::Stdout(mut w) => w.flush().with_context(|| format!("{name}: cannot write")),
             Sink::File { tmp, dest } => {
                 let tmp = tmp
