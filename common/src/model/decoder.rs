@@ -29,11 +29,53 @@ fn upcast(dt: DType) -> DType {
     }
 }
 
-/// `y = x Wᵀ + b`, with W of shape (out, in).
+/// A LoRA adapter on a linear layer: `y += (α/r) · dropout(x) Aᵀ Bᵀ`, A (r, in), B (out, r).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout probability on the adapter's input, with its own seeded stream (training only).
+    pub dropout: f32,
+    pub rng: Option<std::sync::Arc<std::sync::Mutex<rand_chacha::ChaCha8Rng>>>,
+}
+
+impl Lora {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match (&self.rng, self.dropout > 0.0) {
+            (Some(rng), true) => {
+                use rand_chacha::rand_core::RngCore;
+                let keep = 1.0 - self.dropout;
+                let n = x.elem_count();
+                let mut r = rng.lock().expect("LoRA dropout RNG poisoned");
+                let mask: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if (r.next_u32() as f64 / (u32::MAX as f64 + 1.0)) < keep as f64 {
+                            1.0 / keep
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                (x * mask)?
+            }
+            _ => x.clone(),
+        };
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.contiguous()?.reshape((rows, *dims.last().unwrap()))?;
+        let d = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        Ok((d * self.scale)?)
+    }
+}
+
+/// `y = x Wᵀ + b`, with W of shape (out, in), and an optional LoRA adapter.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -45,6 +87,7 @@ impl Linear {
             } else {
                 None
             },
+            lora: None,
         })
     }
 
@@ -56,6 +99,9 @@ impl Linear {
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.forward(&x2)?.to_dtype(x2.dtype())?)?;
         }
         let mut out = dims;
         *out.last_mut().unwrap() = self.weight.dim(0)?;
@@ -434,6 +480,30 @@ impl Decoder {
         })
     }
 
+    /// Visit every projection of every layer by its transformers name
+    /// (`model.layers.0.self_attn.q_proj`), e.g. to attach LoRA adapters.
+    pub fn for_each_linear(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.self_attn.q_proj"), &mut b.attn.q)?;
+            f(&format!("{p}.self_attn.k_proj"), &mut b.attn.k)?;
+            f(&format!("{p}.self_attn.v_proj"), &mut b.attn.v)?;
+            f(&format!("{p}.self_attn.o_proj"), &mut b.attn.o)?;
+            f(&format!("{p}.mlp.gate_proj"), &mut b.gate)?;
+            f(&format!("{p}.mlp.up_proj"), &mut b.up)?;
+            f(&format!("{p}.mlp.down_proj"), &mut b.down)?;
+        }
+        Ok(())
+    }
+
+    /// Switch between fused inference kernels and differentiable ones.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.mode = mode;
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -497,6 +567,7 @@ impl Decoder {
         let lin = Linear {
             weight: self.lm_head.clone(),
             bias: None,
+            lora: None,
         };
         Ok(lin.forward(hidden)?.to_dtype(upcast(self.dtype))?)
     }

@@ -8,7 +8,7 @@ pub mod save;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use decoder::{Decoder, KvCache, Mode};
+pub use decoder::{Decoder, KvCache, Linear, Lora, Mode};
 pub use files::ModelFiles;
 pub use weights::{Source, Weights};
 
@@ -31,6 +31,16 @@ impl Model {
     /// Load a model folder or a cached model id. Config, weights and tokenizer are checked
     /// against each other before any tensor is read.
     pub fn load(name: &str, dtype: DType, device: &Device, mode: Mode) -> Result<Model> {
+        Model::load_with(
+            name,
+            |cfg, weights| Decoder::new(cfg, weights, dtype, device, mode),
+            dtype,
+            device,
+        )
+    }
+
+    /// Config and tokenizer of a model folder, checked against each other, without weights.
+    pub fn describe(name: &str) -> Result<(ModelFiles, Config, Tok, Vec<u32>)> {
         let files = ModelFiles::locate(name)?;
         let cfg = Config::load(&files.config)?;
         let tok = Tok::load(&files)?;
@@ -42,13 +52,25 @@ impl Model {
                 cfg.vocab_size
             );
         }
-        let weights = Weights::open(&files.weights, dtype, device)?;
-        let decoder = Decoder::new(&cfg, &weights, dtype, device, mode)?;
         let mut eos_ids = cfg.eos_token_ids.clone();
         eos_ids.extend(generation_eos(&files)?);
         eos_ids.extend(tok.eos_id);
         eos_ids.sort_unstable();
         eos_ids.dedup();
+        Ok((files, cfg, tok, eos_ids))
+    }
+
+    /// Load a model whose decoder `build` makes from its config and weights (training makes
+    /// its parameters trainable this way).
+    pub fn load_with(
+        name: &str,
+        build: impl FnOnce(&Config, &Weights) -> Result<Decoder>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Model> {
+        let (files, cfg, tok, eos_ids) = Model::describe(name)?;
+        let weights = Weights::open(&files.weights, dtype, device)?;
+        let decoder = build(&cfg, &weights)?;
         Ok(Model {
             files,
             cfg,

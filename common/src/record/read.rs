@@ -82,8 +82,11 @@ pub fn open(path: Option<&str>, opts: ReadOptions) -> Result<Reader> {
         None | Some("-") => open_stdin(opts),
         Some(p) => {
             let path = Path::new(p);
-            let format = Format::require(path)?;
             let file = File::open(path).with_context(|| format!("{p}: cannot open"))?;
+            // No telling extension (a pipe such as <(cf-sample ...)): sniff, as for stdin.
+            let Some(format) = Format::from_path(path) else {
+                return open_stream(p.into(), Box::new(file), opts);
+            };
             let inner = match format {
                 Format::Jsonl => jsonl(Box::new(BufReader::with_capacity(1 << 16, file))),
                 Format::Parquet => parquet(ParquetSource::File(Arc::new(file)), p)?,
@@ -100,31 +103,37 @@ pub fn open(path: Option<&str>, opts: ReadOptions) -> Result<Reader> {
 }
 
 fn open_stdin(opts: ReadOptions) -> Result<Reader> {
-    let mut stdin = io::stdin().lock();
+    open_stream("<stdin>".into(), Box::new(io::stdin()), opts)
+}
+
+/// A stream whose format is told by its first bytes: `PAR1` is Parquet, anything else JSONL.
+fn open_stream(
+    name: Arc<str>,
+    mut stream: Box<dyn Read + Send>,
+    opts: ReadOptions,
+) -> Result<Reader> {
     let mut head = Vec::with_capacity(4);
     while head.len() < 4 {
         let mut b = [0u8; 4];
-        let n = stdin
+        let n = stream
             .read(&mut b[..4 - head.len()])
-            .context("<stdin>: cannot read")?;
+            .with_context(|| format!("{name}: cannot read"))?;
         if n == 0 {
             break;
         }
         head.extend_from_slice(&b[..n]);
     }
-    let name: Arc<str> = "<stdin>".into();
     let inner = if head == b"PAR1" {
         // Parquet needs random access: hold the whole stream in memory.
         let mut all = head;
-        stdin
+        stream
             .read_to_end(&mut all)
-            .context("<stdin>: cannot read")?;
-        parquet(ParquetSource::Bytes(Bytes::from(all)), "<stdin>")?
+            .with_context(|| format!("{name}: cannot read"))?;
+        parquet(ParquetSource::Bytes(Bytes::from(all)), &name)?
     } else {
-        let rest = io::stdin();
         jsonl(Box::new(BufReader::with_capacity(
             1 << 16,
-            io::Cursor::new(head).chain(rest),
+            io::Cursor::new(head).chain(stream),
         )))
     };
     Ok(Reader {

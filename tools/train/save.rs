@@ -1,0 +1,147 @@
+//! What cf-train writes: Hugging Face model folders, PEFT adapters, checkpoints. Every file is
+//! written to a temporary name and renamed; a checkpoint directory is built under a temporary
+//! name and renamed whole, so a reader never sees half of one.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use cf_common::model::save::save_safetensors;
+use cf_common::model::ModelFiles;
+use cf_common::record::write_atomic;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Tokenizer and generation files copied beside the weights, so the folder is a whole model.
+const COPIED: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.model",
+];
+
+pub fn copy_side_files(src: &ModelFiles, dir: &Path) -> Result<()> {
+    for f in COPIED {
+        let from = src.dir.join(f);
+        if from.is_file() {
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("{}: cannot read", from.display()))?;
+            write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// A full model folder: config.json (dtype set to what is saved), model.safetensors, side files.
+pub fn model_folder(src: &ModelFiles, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let text = std::fs::read_to_string(&src.config)
+        .with_context(|| format!("{}: cannot read", src.config.display()))?;
+    let mut cfg: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", src.config.display()))?;
+    if let Some(m) = cfg.as_object_mut() {
+        m.insert("torch_dtype".into(), json!("float32"));
+    }
+    save_safetensors(tensors, &dir.join("model.safetensors"))?;
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    copy_side_files(src, dir)
+}
+
+/// LoRA settings, as PEFT's adapter_config.json records them.
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<String>,
+}
+
+/// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that peft and vLLM
+/// load. Tensor names are `base_model.model.<module>.lora_{A,B}.weight`.
+pub fn adapter_folder(
+    src: &ModelFiles,
+    base_name: &str,
+    lora: &LoraSpec,
+    tensors: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let cfg = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    save_safetensors(tensors, &dir.join("adapter_model.safetensors"))?;
+    write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+    copy_side_files(src, dir)
+}
+
+/// Build a directory with `fill`, then rename it to `dest` (replacing an older one).
+pub fn atomic_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dest
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempdir_in(&parent)
+        .with_context(|| format!("{}: cannot create a directory", parent.display()))?;
+    fill(tmp.path())?;
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)
+            .with_context(|| format!("{}: cannot replace", dest.display()))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, dest)
+        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    Ok(())
+}
+
+/// The newest `checkpoint-N` directory in `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<u64>()
+                .ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then_some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}

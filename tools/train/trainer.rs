@@ -1,0 +1,698 @@
+//! The training loop: parameters, data order, micro-batches, exact gradient accumulation,
+//! AdamW, checkpoints that resume exactly, metrics.
+
+use crate::data::{inspect, Builder, Example};
+use crate::optim::{self, AdamW};
+use crate::save::{self, LoraSpec};
+use crate::Args;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use cf_common::model::{Decoder, Lora, Mode, Model, Source};
+use cf_common::record::{self, ReadOptions};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const TOOL: &str = "cf-train";
+const ALL_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+/// The ChaCha stream of LoRA's initialisation and dropout (data order uses streams 0, 1, … per epoch).
+const LORA_STREAM: u64 = 1 << 40;
+
+fn pairs(items: &[String]) -> Result<Vec<(String, f64)>> {
+    items
+        .iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--weight {s}: expected SOURCE=λ"))?;
+            let w: f64 = v
+                .parse()
+                .map_err(|_| anyhow!("--weight {s}: not a number"))?;
+            if !(w >= 0.0 && w.is_finite()) {
+                bail!("--weight {s}: must be >= 0");
+            }
+            Ok((k.to_string(), w))
+        })
+        .collect()
+}
+
+fn validate(args: &Args) -> Result<()> {
+    let pos = |x: f64, n: &str| {
+        if x > 0.0 && x.is_finite() {
+            Ok(())
+        } else {
+            Err(anyhow!("{n} must be > 0, got {x}"))
+        }
+    };
+    pos(args.lr, "--lr")?;
+    pos(args.adam_eps, "--adam-eps")?;
+    for (b, n) in [
+        (args.adam_beta1, "--adam-beta1"),
+        (args.adam_beta2, "--adam-beta2"),
+    ] {
+        if !(0.0..1.0).contains(&b) {
+            bail!("{n} must be in [0, 1), got {b}");
+        }
+    }
+    if args.batch_size == 0 || args.grad_accum == 0 || args.max_length < 2 {
+        bail!("--batch-size and --grad-accum must be >= 1 and --max-length >= 2");
+    }
+    if args.max_steps == Some(0) || (args.max_steps.is_none() && args.epochs == 0) {
+        bail!("nothing to do: --max-steps or --epochs is 0");
+    }
+    if let Some(r) = args.warmup_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            bail!("--warmup-ratio must be in [0, 1]");
+        }
+    }
+    if args.lora_rank == Some(0) {
+        bail!("--lora-rank must be >= 1");
+    }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!("--lora-dropout must be in [0, 1)");
+    }
+    if args.merge && args.lora_rank.is_none() {
+        bail!("--merge needs --lora-rank (a full fine-tune is already merged)");
+    }
+    for t in &args.lora_targets {
+        if t != "all" && !ALL_TARGETS.contains(&t.as_str()) {
+            bail!(
+                "--lora-targets: unknown module {t:?} (expected {} or all)",
+                ALL_TARGETS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The micro-batches of one epoch: a seeded permutation of the examples, cut by sequences or
+/// by padded tokens.
+fn epoch_plan(examples: &[Example], args: &Args, epoch: u64) -> Vec<Vec<usize>> {
+    let mut r = ChaCha8Rng::seed_from_u64(args.seed);
+    r.set_stream(epoch);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    for i in (1..order.len()).rev() {
+        let j = (r.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for i in order {
+        let len = examples[i].ids.len();
+        let full = match args.batch_tokens {
+            Some(t) => !cur.is_empty() && (cur.len() + 1) * longest.max(len) > t,
+            None => cur.len() == args.batch_size,
+        };
+        if full {
+            out.push(std::mem::take(&mut cur));
+            longest = 0;
+        }
+        cur.push(i);
+        longest = longest.max(len);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Per-source sums for reporting: (loss sum, positions).
+type SourceStats = BTreeMap<String, (f64, usize)>;
+
+/// Loss of one micro-batch, already divided by the step's trained-position count `denom`, so
+/// the summed gradients of a step's micro-batches are exactly the gradient of the step's loss.
+fn micro_loss(
+    dec: &Decoder,
+    base: Option<&Decoder>,
+    exs: &[&Example],
+    denom: f64,
+    stats: &mut SourceStats,
+) -> Result<Tensor> {
+    let dev = dec.device().clone();
+    let b = exs.len();
+    let l = exs.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut ids = vec![0u32; b * l];
+    // (row in the flattened hidden states, target id, weight, example)
+    let (mut nll_rows, mut kl_rows) = (Vec::new(), Vec::new());
+    for (r, e) in exs.iter().enumerate() {
+        ids[r * l..r * l + e.ids.len()].copy_from_slice(&e.ids);
+        for i in 1..e.ids.len() {
+            if e.target[i] {
+                let row = ((r * l + i - 1) as u32, e.ids[i], e.weight, r);
+                if e.exact_kl {
+                    kl_rows.push(row)
+                } else {
+                    nll_rows.push(row)
+                }
+            }
+        }
+    }
+    let ids = Tensor::from_vec(ids, (b, l), &dev)?;
+    let h = dec
+        .forward_hidden(&ids, None)?
+        .reshape((b * l, dec.cfg.hidden_size))?;
+    let mut loss = Tensor::zeros((), DType::F32, &dev)?;
+    if !nll_rows.is_empty() {
+        let rows = Tensor::new(
+            nll_rows.iter().map(|x| x.0).collect::<Vec<_>>().as_slice(),
+            &dev,
+        )?;
+        let tg = Tensor::new(
+            nll_rows.iter().map(|x| x.1).collect::<Vec<_>>().as_slice(),
+            &dev,
+        )?;
+        let w = Tensor::new(
+            nll_rows
+                .iter()
+                .map(|x| x.2 as f32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &dev,
+        )?;
+        let lp = dec
+            .target_logprobs(&h.index_select(&rows, 0)?, &tg)?
+            .to_dtype(DType::F32)?;
+        loss = (loss - (&lp * &w)?.sum_all()?)?;
+        for (x, v) in nll_rows.iter().zip(lp.to_vec1::<f32>()?) {
+            let s = stats.entry(exs[x.3].source.clone()).or_default();
+            s.0 -= v as f64;
+            s.1 += 1;
+        }
+    }
+    if !kl_rows.is_empty() {
+        let base = base.ok_or_else(|| anyhow!("internal: exact KL without the original model"))?;
+        let rows = Tensor::new(
+            kl_rows.iter().map(|x| x.0).collect::<Vec<_>>().as_slice(),
+            &dev,
+        )?;
+        let w = Tensor::new(
+            kl_rows
+                .iter()
+                .map(|x| x.2 as f32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &dev,
+        )?;
+        let hb = base
+            .forward_hidden(&ids, None)?
+            .reshape((b * l, base.cfg.hidden_size))?
+            .index_select(&rows, 0)?;
+        let lp0 = candle_nn::ops::log_softmax(&base.logits(&hb)?.to_dtype(DType::F32)?, D::Minus1)?;
+        let lp = candle_nn::ops::log_softmax(
+            &dec.logits(&h.index_select(&rows, 0)?)?
+                .to_dtype(DType::F32)?,
+            D::Minus1,
+        )?;
+        let kl = (lp0.exp()? * (&lp0 - &lp)?)?.sum(D::Minus1)?;
+        loss = (loss + (&kl * &w)?.sum_all()?)?;
+        for (x, v) in kl_rows.iter().zip(kl.to_vec1::<f32>()?) {
+            let s = stats
+                .entry(format!("{} (exact KL)", exs[x.3].source))
+                .or_default();
+            s.0 += v as f64;
+            s.1 += 1;
+        }
+    }
+    Ok((loss / denom)?)
+}
+
+/// The trainable state: parameters by name (full fine-tuning: every weight; LoRA: adapters).
+struct Trainable {
+    model: Model,
+    vars: Vec<(String, Var)>,
+    lora: Option<LoraSpec>,
+    lora_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
+}
+
+fn lora_name(module: &str, ab: &str) -> String {
+    format!("base_model.model.{module}.lora_{ab}.weight")
+}
+
+/// Load the model with trainable parameters, from `--model` or from a checkpoint.
+fn trainable(
+    args: &Args,
+    device: &Device,
+    dtype: DType,
+    resume: Option<&Path>,
+) -> Result<Trainable> {
+    let Some(rank) = args.lora_rank else {
+        // Full fine-tuning: f32 master weights as Vars.
+        let mut vars = Vec::new();
+        let model = Model::load_with(
+            &args.model.model,
+            |cfg, weights| {
+                let ckpt = match resume {
+                    Some(dir) => Some(cf_common::model::Weights::open(
+                        &[dir.join("model.safetensors")],
+                        DType::F32,
+                        device,
+                    )?),
+                    None => None,
+                };
+                let src: &dyn Source = match &ckpt {
+                    Some(c) => c,
+                    None => weights,
+                };
+                let mut map = HashMap::new();
+                for (name, shape) in Decoder::parameter_shapes(cfg) {
+                    let v = Var::from_tensor(&src.get(&name, &shape)?.to_dtype(DType::F32)?)?;
+                    map.insert(name.clone(), v.as_tensor().clone());
+                    vars.push((name, v));
+                }
+                Decoder::new(cfg, &map, DType::F32, device, Mode::Train)
+            },
+            DType::F32,
+            device,
+        )?;
+        return Ok(Trainable {
+            model,
+            vars,
+            lora: None,
+            lora_rng: None,
+        });
+    };
+    // LoRA: frozen base weights (plain tensors: no gradient graph), f32 adapters.
+    let mut model = Model::load(&args.model.model, dtype, device, Mode::Train)?;
+    let targets: Vec<String> = if args.lora_targets.iter().any(|t| t == "all") {
+        ALL_TARGETS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.lora_targets.clone()
+    };
+    let alpha = args.lora_alpha.unwrap_or(rank as f64);
+    let mut init = ChaCha8Rng::seed_from_u64(args.seed);
+    init.set_stream(LORA_STREAM);
+    let dropout_rng = {
+        let mut r = ChaCha8Rng::seed_from_u64(args.seed);
+        r.set_stream(LORA_STREAM + 1);
+        Arc::new(Mutex::new(r))
+    };
+    let saved = match resume {
+        Some(dir) => Some(candle_core::safetensors::load(
+            dir.join("adapter_model.safetensors"),
+            device,
+        )?),
+        None => None,
+    };
+    let mut vars = Vec::new();
+    model.decoder.for_each_linear(|name, lin| {
+        let short = name.rsplit('.').next().unwrap_or(name);
+        if !targets.iter().any(|t| t == short) {
+            return Ok(());
+        }
+        let (out, inp) = lin.weight.dims2()?;
+        let (an, bn) = (lora_name(name, "A"), lora_name(name, "B"));
+        let (a, b) = match &saved {
+            Some(s) => (
+                s.get(&an)
+                    .ok_or_else(|| anyhow!("checkpoint: {an} is missing"))?
+                    .to_dtype(DType::F32)?,
+                s.get(&bn)
+                    .ok_or_else(|| anyhow!("checkpoint: {bn} is missing"))?
+                    .to_dtype(DType::F32)?,
+            ),
+            None => {
+                // PEFT's init: A ~ U(±1/√in) (kaiming_uniform with a=√5), B = 0.
+                let bound = 1.0 / (inp as f64).sqrt();
+                let av: Vec<f32> = (0..rank * inp)
+                    .map(|_| {
+                        ((init.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+                            * bound as f32
+                    })
+                    .collect();
+                (
+                    Tensor::from_vec(av, (rank, inp), device)?,
+                    Tensor::zeros((out, rank), DType::F32, device)?,
+                )
+            }
+        };
+        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        lin.lora = Some(Lora {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: alpha / rank as f64,
+            dropout: args.lora_dropout as f32,
+            rng: Some(dropout_rng.clone()),
+        });
+        vars.push((an, a));
+        vars.push((bn, b));
+        Ok(())
+    })?;
+    if vars.is_empty() {
+        bail!("--lora-targets matched no module");
+    }
+    let spec = LoraSpec {
+        rank,
+        alpha,
+        dropout: args.lora_dropout,
+        targets,
+    };
+    Ok(Trainable {
+        model,
+        vars,
+        lora: Some(spec),
+        lora_rng: Some(dropout_rng),
+    })
+}
+
+fn tensors_of(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// A fingerprint of the training examples, so a resume on other data is refused.
+fn fingerprint(examples: &[Example]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for e in examples {
+        for &id in &e.ids {
+            h = (h ^ id as u64).wrapping_mul(0x100000001b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x100000001b3);
+    }
+    format!("{}:{h:016x}", examples.len())
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    validate(args)?;
+    let weights = pairs(&args.weight)?;
+    let out = PathBuf::from(&args.output);
+    let (files, cfg, tok, eos_ids) = Model::describe(&args.model.model)?;
+    // Data first: bad records fail before any weight is read.
+    let mut reader = record::open(
+        args.input.as_deref(),
+        ReadOptions {
+            skip_bad: args.skip_bad,
+        },
+    )?;
+    let builder = Builder {
+        tok: &tok,
+        vocab: cfg.vocab_size,
+        eos_ids: &eos_ids,
+        max_length: args.max_length,
+        weights: &weights,
+        exact_kl: &args.exact_kl,
+    };
+    let mut examples = Vec::new();
+    while let Some(r) = reader.next() {
+        let (loc, rec) = r?;
+        match builder.build(&rec) {
+            Ok(e) => examples.push(e),
+            Err(e) => reader.reject(&loc, e)?,
+        }
+    }
+    if examples.is_empty() {
+        bail!("{}: no training examples", reader.name());
+    }
+    if let Some(n) = args.inspect {
+        let mut so = std::io::stdout().lock();
+        inspect(&tok, &examples[..n.min(examples.len())], &mut so)?;
+        so.flush()?;
+        return Ok(());
+    }
+    for s in &args.exact_kl {
+        if !examples.iter().any(|e| &e.source == s) {
+            bail!("--exact-kl {s}: no record has source {s:?}");
+        }
+    }
+    let truncated = examples.iter().filter(|e| e.truncated).count();
+    if truncated > 0 {
+        args.log.warn(
+            TOOL,
+            format!(
+                "{truncated} of {} examples truncated to --max-length {}",
+                examples.len(),
+                args.max_length
+            ),
+        );
+    }
+    if reader.skipped() > 0 {
+        args.log
+            .warn(TOOL, format!("skipped {} bad records", reader.skipped()));
+    }
+    drop(files);
+
+    let device = args.model.device()?;
+    let dtype = args.model.dtype(&device)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let resume_dir = match (&args.resume_from, args.resume) {
+        (Some(p), _) => Some(PathBuf::from(p)),
+        (None, true) => Some(
+            save::latest_checkpoint(&out)
+                .ok_or_else(|| anyhow!("--resume: no checkpoint-N in {}", out.display()))?,
+        ),
+        _ => None,
+    };
+    let state: Option<Value> = match &resume_dir {
+        Some(d) => {
+            let p = d.join("trainer_state.json");
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: invalid JSON", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let fp = fingerprint(&examples);
+    if let Some(st) = &state {
+        if st["data"].as_str() != Some(fp.as_str()) || st["seed"].as_u64() != Some(args.seed) {
+            bail!("{}: the checkpoint was made with other data or another --seed; resuming would not continue the same run", resume_dir.as_ref().unwrap().display());
+        }
+    }
+    let t = trainable(args, &device, dtype, resume_dir.as_deref())?;
+    let base = if args.exact_kl.is_empty() {
+        None
+    } else {
+        Some(Model::load(&args.model.model, dtype, &device, Mode::Infer)?)
+    };
+    let mut opt = AdamW::new(
+        t.vars.clone(),
+        args.adam_beta1,
+        args.adam_beta2,
+        args.adam_eps,
+        args.weight_decay,
+    )?;
+
+    let plans: Vec<usize> = vec![epoch_plan(&examples, args, 0).len()];
+    let steps_per_epoch = plans[0].div_ceil(args.grad_accum) as u64;
+    let total = args.max_steps.unwrap_or(args.epochs * steps_per_epoch);
+    let warmup = match args.warmup_ratio {
+        Some(r) => (r * total as f64).ceil() as u64,
+        None => args.warmup,
+    };
+    let (mut epoch, mut micro) = (0u64, 0usize);
+    if let (Some(st), Some(dir)) = (&state, &resume_dir) {
+        let ost = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
+        opt.load_state(&ost, st["global_step"].as_u64().unwrap_or(0))?;
+        epoch = st["epoch"].as_u64().unwrap_or(0);
+        micro = st["micro_batch"].as_u64().unwrap_or(0) as usize;
+        if let (Some(rng), Some(pos)) = (&t.lora_rng, st["lora_dropout_word_pos"].as_str()) {
+            rng.lock().unwrap().set_word_pos(
+                pos.parse::<u128>()
+                    .map_err(|_| anyhow!("trainer_state.json: bad lora_dropout_word_pos"))?,
+            );
+        }
+        args.log.info(
+            TOOL,
+            format!("resuming {} at step {}", dir.display(), opt.step),
+        );
+    }
+    let mut metrics = match &args.metrics {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("{p}: cannot open"))?,
+        ),
+        None => None,
+    };
+    args.log.info(
+        TOOL,
+        format!(
+            "{} examples, {} trainable parameters{}, {total} steps ({} per epoch)",
+            examples.len(),
+            t.vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+            if t.lora.is_some() { " (LoRA)" } else { "" },
+            steps_per_epoch
+        ),
+    );
+    let mut plan = epoch_plan(&examples, args, epoch);
+    let mut num_tokens: u64 = 0;
+    let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
+    while opt.step < total {
+        if micro >= plan.len() {
+            epoch += 1;
+            micro = 0;
+            plan = epoch_plan(&examples, args, epoch);
+        }
+        let t0 = Instant::now();
+        let mbs: Vec<&Vec<usize>> = plan[micro..(micro + args.grad_accum).min(plan.len())]
+            .iter()
+            .collect();
+        let denom: usize = mbs
+            .iter()
+            .flat_map(|mb| mb.iter())
+            .map(|&i| examples[i].n_targets())
+            .sum();
+        let mut stats = SourceStats::new();
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0usize;
+        for mb in &mbs {
+            let exs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
+            tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
+            let loss = micro_loss(
+                &t.model.decoder,
+                base.as_ref().map(|b| &b.decoder),
+                &exs,
+                denom as f64,
+                &mut stats,
+            )?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = loss.backward()?;
+            for (name, v) in &t.vars {
+                if let Some(gv) = g.get(v.as_tensor()) {
+                    let acc = match grads.remove(name) {
+                        Some(a) => (a + gv)?,
+                        None => gv.clone(),
+                    };
+                    grads.insert(name.clone(), acc);
+                }
+            }
+        }
+        let step = opt.step + 1;
+        let ckpt_note = last_ckpt
+            .as_ref()
+            .map_or("none yet".to_string(), |p| p.display().to_string());
+        if !loss_sum.is_finite() {
+            bail!("step {step}: the loss is {loss_sum}; stopping without updating (last good checkpoint: {ckpt_note})");
+        }
+        let grad_norm = optim::clip(&mut grads, args.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            bail!("step {step}: the gradient norm is {grad_norm}; stopping without updating (last good checkpoint: {ckpt_note})");
+        }
+        let lr = args.lr * optim::lr_factor(args.schedule, opt.step, warmup, total);
+        opt.apply(&grads, lr)?;
+        micro += mbs.len();
+        num_tokens += tokens as u64;
+        let secs = t0.elapsed().as_secs_f64();
+        let by_source: serde_json::Map<String, Value> = stats
+            .iter()
+            .map(|(k, (s, n))| (k.clone(), json!(s / *n as f64)))
+            .collect();
+        let line = json!({
+            "step": opt.step,
+            "epoch": epoch as f64 + micro as f64 / plan.len() as f64,
+            "loss": loss_sum,
+            "loss_by_source": by_source,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "trained_tokens": denom,
+            "num_tokens": num_tokens,
+            "tokens_per_second": tokens as f64 / secs.max(1e-9),
+        });
+        if let Some(m) = metrics.as_mut() {
+            writeln!(m, "{line}").context("writing metrics")?;
+            m.flush()?;
+        }
+        if opt.step % args.log_every.max(1) == 0 || opt.step == total {
+            args.log.info(TOOL, format!("step {}/{total} loss {loss_sum:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tokens/s", opt.step, tokens as f64 / secs.max(1e-9)));
+        }
+        if args.save_every > 0 && opt.step % args.save_every == 0 && opt.step < total {
+            let dir = out.join(format!("checkpoint-{}", opt.step));
+            checkpoint(args, &t, &opt, &dir, epoch, micro, &fp)?;
+            last_ckpt = Some(dir);
+        }
+    }
+    final_output(args, &t, &out)?;
+    args.log.info(TOOL, format!("wrote {}", out.display()));
+    Ok(())
+}
+
+fn write_weights(args: &Args, t: &Trainable, dir: &Path) -> Result<()> {
+    match &t.lora {
+        None => save::model_folder(&t.model.files, &tensors_of(&t.vars), dir),
+        Some(spec) => save::adapter_folder(
+            &t.model.files,
+            &args.model.model,
+            spec,
+            &tensors_of(&t.vars),
+            dir,
+        ),
+    }
+}
+
+fn checkpoint(
+    args: &Args,
+    t: &Trainable,
+    opt: &AdamW,
+    dir: &Path,
+    epoch: u64,
+    micro: usize,
+    fp: &str,
+) -> Result<()> {
+    save::atomic_dir(dir, |tmp| {
+        write_weights(args, t, tmp)?;
+        cf_common::model::save::save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
+        let state = json!({
+            "global_step": opt.step,
+            "epoch": epoch,
+            "micro_batch": micro,
+            "seed": args.seed,
+            "data": fp,
+            "lora_dropout_word_pos": t.lora_rng.as_ref().map(|r| r.lock().unwrap().get_word_pos().to_string()),
+        });
+        cf_common::record::write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )
+    })?;
+    args.log.info(TOOL, format!("saved {}", dir.display()));
+    Ok(())
+}
+
+fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
+    write_weights(args, t, out)?;
+    if let (Some(spec), true) = (&t.lora, args.merge) {
+        // W + (α/r)·B·A for every adapted projection; the rest as loaded.
+        let files = &t.model.files;
+        let w = cf_common::model::Weights::open(&files.weights, DType::F32, &Device::Cpu)?;
+        let adapters = tensors_of(&t.vars);
+        let mut merged = HashMap::new();
+        for (name, shape) in Decoder::parameter_shapes(&t.model.cfg) {
+            let mut x = w.get(&name, &shape)?;
+            if let Some(module) = name.strip_suffix(".weight") {
+                if let (Some(a), Some(b)) = (
+                    adapters.get(&lora_name(module, "A")),
+                    adapters.get(&lora_name(module, "B")),
+                ) {
+                    let delta = (b
+                        .to_device(&Device::Cpu)?
+                        .matmul(&a.to_device(&Device::Cpu)?)?
+                        * (spec.alpha / spec.rank as f64))?;
+                    x = (x + delta)?;
+                }
+            }
+            merged.insert(name, x);
+        }
+        let dir = out.join("merged");
+        save::atomic_dir(&dir, |tmp| save::model_folder(files, &merged, tmp))?;
+    }
+    Ok(())
+}
