@@ -10,3 +10,4 @@ mod mix;
 mod models;
 mod records;
 mod sample;
+mod train;

@@ -234,6 +234,9 @@ fn micro_loss(
 struct Trainable {
     model: Model,
     vars: Vec<(String, Var)>,
+    /// Full fine-tuning in a half-precision compute dtype: the decoder is rebuilt every step
+    /// from the f32 master weights cast to it (gradients flow back through the cast).
+    half: Option<DType>,
     lora: Option<LoraSpec>,
     lora_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
 }
@@ -278,9 +281,11 @@ fn trainable(
             DType::F32,
             device,
         )?;
+        let half = (dtype != DType::F32).then_some(dtype);
         return Ok(Trainable {
             model,
             vars,
+            half,
             lora: None,
             lora_rng: None,
         });
@@ -363,6 +368,7 @@ fn trainable(
     Ok(Trainable {
         model,
         vars,
+        half: None,
         lora: Some(spec),
         lora_rng: Some(dropout_rng),
     })
@@ -554,11 +560,23 @@ pub fn run(args: &Args) -> Result<()> {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0.0;
         let mut tokens = 0usize;
+        let step_decoder = match t.half {
+            Some(dt) => {
+                let cast: HashMap<String, Tensor> = t
+                    .vars
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dt)?)))
+                    .collect::<Result<_>>()?;
+                Some(Decoder::new(&t.model.cfg, &cast, dt, &device, Mode::Train)?)
+            }
+            None => None,
+        };
+        let dec = step_decoder.as_ref().unwrap_or(&t.model.decoder);
         for mb in &mbs {
             let exs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
             tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
             let loss = micro_loss(
-                &t.model.decoder,
+                dec,
                 base.as_ref().map(|b| &b.decoder),
                 &exs,
                 denom as f64,

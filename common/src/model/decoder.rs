@@ -64,7 +64,11 @@ impl Lora {
         };
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.contiguous()?.reshape((rows, *dims.last().unwrap()))?;
+        // The adapter keeps its own (f32) dtype over a half-precision base.
+        let x2 = x
+            .contiguous()?
+            .reshape((rows, *dims.last().unwrap()))?
+            .to_dtype(self.a.dtype())?;
         let d = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
         Ok((d * self.scale)?)
     }

@@ -107,6 +107,12 @@ impl ModelFiles {
             bail!("{name}: no such model folder");
         };
         let config = dir.join("config.json");
+        if !config.is_file() && dir.join("adapter_config.json").is_file() {
+            bail!(
+                "{}: holds a LoRA adapter, not a model; use the merged model (cf-train --merge writes it to merged/)",
+                dir.display()
+            );
+        }
         if !config.is_file() {
             bail!("{}: no config.json in the model folder", dir.display());
         }

@@ -1,0 +1,686 @@
+//! cf-train, through the real binary.
+
+use crate::util::*;
+use candle_core::{DType, Device, Tensor};
+use cf_common::model::{Mode, Model};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+
+fn train(dir: &Path, args: &[&str]) -> Run {
+    let m = fixture("llama");
+    let mut a = vec!["--model", m.to_str().unwrap()];
+    a.extend_from_slice(args);
+    run("cf-train", &a, dir, None)
+}
+
+fn ok(r: Run) -> Run {
+    assert_eq!(r.code, 0, "{r}");
+    r
+}
+
+fn weights(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn metrics(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn text_data(dir: &Path, n: usize) {
+    let lines: String = (0..n)
+        .map(|i| {
+            json!({"text": format!("Question: what is {i} plus {i}? Answer: {}.", 2 * i)})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("d.jsonl"), lines).unwrap();
+}
+
+#[test]
+fn two_adamw_steps_match_pytorch() {
+    let d = tempfile::tempdir().unwrap();
+    let data = root().join("fixtures/train/tiny.jsonl");
+    ok(train(
+        d.path(),
+        &[
+            data.to_str().unwrap(),
+            "-o",
+            "out",
+            "--lr",
+            "1e-3",
+            "--adam-beta1",
+            "0.9",
+            "--adam-beta2",
+            "0.95",
+            "--adam-eps",
+            "1e-6",
+            "--weight-decay",
+            "0.1",
+            "--max-grad-norm",
+            "1",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "3",
+            "--schedule",
+            "constant",
+            "--metrics",
+            "m.jsonl",
+            "-q",
+        ],
+    ));
+    let got = weights(&d.path().join("out/model.safetensors"));
+    let want = weights(&root().join("fixtures/train/adamw_reference.safetensors"));
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        let diff = max_diff(&got[k], w);
+        assert!(
+            diff < 1e-5,
+            "{k}: max |Δ| = {diff} against torch.optim.AdamW"
+        );
+    }
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/train/adamw_reference.json")).unwrap(),
+    )
+    .unwrap();
+    for (m, r) in metrics(&d.path().join("m.jsonl"))
+        .iter()
+        .zip(reference["steps"].as_array().unwrap())
+    {
+        for k in ["loss", "grad_norm"] {
+            let (a, b) = (m[k].as_f64().unwrap(), r[k].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-5 * b.abs(), "{k}: {a} vs torch {b}");
+        }
+    }
+}
+
+#[test]
+fn loss_masking_matches_a_hand_computed_example() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("pc.jsonl"),
+        json!({"prompt": "Question: what is 2 plus 2?", "completion": " Answer: 4."}).to_string()
+            + "\n",
+    )
+    .unwrap();
+    // --inspect shows the labels: -100 on BOS and the prompt, the ids on the completion and EOS.
+    let r = ok(train(
+        d.path(),
+        &["pc.jsonl", "-o", "out", "--inspect", "1"],
+    ));
+    let m = Model::load(
+        fixture("llama").to_str().unwrap(),
+        DType::F64,
+        &Device::Cpu,
+        Mode::Infer,
+    )
+    .unwrap();
+    let p = m.tok.encode("Question: what is 2 plus 2?", false).unwrap();
+    let c = m.tok.encode(" Answer: 4.", false).unwrap();
+    let ids: Vec<u32> = [vec![1], p.clone(), c.clone(), vec![2]].concat();
+    let labels: Vec<i64> = r
+        .stdout
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    let want: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i <= p.len() { -100 } else { t as i64 })
+        .collect();
+    assert_eq!(labels, want, "{r}");
+    // The first step's loss is the mean NLL over exactly those positions, before any update.
+    ok(train(
+        d.path(),
+        &[
+            "pc.jsonl",
+            "-o",
+            "out",
+            "--max-steps",
+            "1",
+            "--metrics",
+            "m.jsonl",
+            "-q",
+        ],
+    ));
+    let lp = m
+        .decoder
+        .sequence_logprobs(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    let lp: Vec<f64> = lp.squeeze(0).unwrap().to_vec1().unwrap();
+    let hand = -lp[p.len()..].iter().sum::<f64>() / (c.len() + 1) as f64;
+    let got = metrics(&d.path().join("m.jsonl"))[0]["loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (got - hand).abs() < 1e-4,
+        "loss {got} vs hand-computed {hand}"
+    );
+}
+
+#[test]
+fn chat_messages_train_only_assistant_turns() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = json!({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]});
+    std::fs::write(d.path().join("c.jsonl"), rec.to_string() + "\n").unwrap();
+    let q = fixture("qwen2");
+    let r = ok(run(
+        "cf-train",
+        &[
+            "--model",
+            q.to_str().unwrap(),
+            "c.jsonl",
+            "-o",
+            "o",
+            "--inspect",
+            "1",
+        ],
+        d.path(),
+        None,
+    ));
+    let m = Model::load(q.to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+    // Rebuild the trained text from the ids instead of parsing printed tokens: the assistant
+    // parts of the ChatML rendering.
+    let ids: Vec<(u32, bool)> = r
+        .stdout
+        .lines()
+        .skip(2)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].parse().unwrap(), f[2] != "-100")
+        })
+        .collect();
+    let text_of = |keep: bool| {
+        m.tok
+            .decode(
+                &ids.iter()
+                    .filter(|x| x.1 == keep)
+                    .map(|x| x.0)
+                    .collect::<Vec<_>>(),
+                false,
+            )
+            .unwrap()
+    };
+    assert_eq!(text_of(true), "hello<|im_end|>\n4<|im_end|>\n");
+    assert_eq!(text_of(false), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n");
+}
+
+#[test]
+fn training_drives_the_loss_down() {
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 16);
+    ok(train(
+        d.path(),
+        &[
+            "d.jsonl",
+            "-o",
+            "out",
+            "--lr",
+            "3e-3",
+            "--max-steps",
+            "30",
+            "--metrics",
+            "m.jsonl",
+            "-q",
+        ],
+    ));
+    let m = metrics(&d.path().join("m.jsonl"));
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[29]["loss"].as_f64().unwrap(),
+    );
+    assert!(last < first / 3.0, "loss {first} → {last}");
+    // The output is a model folder the other tools load: it scores the training text better.
+    let fx = fixture("llama");
+    let score = |model: &str| -> f64 {
+        let r = run(
+            "cf-kl",
+            &[
+                "--base",
+                model,
+                "--model",
+                model,
+                "--per-record",
+                "-",
+                "-q",
+                "d.jsonl",
+            ],
+            d.path(),
+            None,
+        );
+        r.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["logprob_model"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert!(score("out") > score(fx.to_str().unwrap()));
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    for lora in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        text_data(d.path(), 10);
+        let mut common = vec![
+            "d.jsonl",
+            "--lr",
+            "2e-3",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "2",
+            "--warmup",
+            "2",
+            "--schedule",
+            "cosine",
+            "--save-every",
+            "2",
+            "-q",
+        ];
+        if lora {
+            common.extend([
+                "--lora-rank",
+                "4",
+                "--lora-dropout",
+                "0.2",
+                "--lora-targets",
+                "all",
+            ]);
+        }
+        fn joined<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+            a.iter().chain(b).cloned().collect()
+        }
+        let with = |extra: &[&'static str]| joined(&common, extra);
+        ok(train(d.path(), &with(&["-o", "a"])));
+        // A run stopped after step 4 is the state in a/checkpoint-4: continue it elsewhere.
+        ok(train(
+            d.path(),
+            &with(&["-o", "b", "--resume-from", "a/checkpoint-4"]),
+        ));
+        let file = if lora {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        let (wa, wb) = (
+            weights(&d.path().join("a").join(file)),
+            weights(&d.path().join("b").join(file)),
+        );
+        for (k, t) in &wa {
+            assert_eq!(
+                max_diff(t, &wb[k]),
+                0.0,
+                "lora={lora}: {k} differs after resuming"
+            );
+        }
+        // --resume picks the newest checkpoint of the output folder itself.
+        ok(train(d.path(), &with(&["-o", "a", "--resume"])));
+        // Resuming on other data is refused.
+        text_data(d.path(), 11);
+        let r = train(
+            d.path(),
+            &with(&["-o", "c", "--resume-from", "a/checkpoint-4"]),
+        );
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("made with other data"), "{r}");
+    }
+}
+
+#[test]
+fn checkpoints_reload_bit_exactly_and_score_identically() {
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 8);
+    ok(train(
+        d.path(),
+        &[
+            "d.jsonl",
+            "-o",
+            "long",
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--lr",
+            "1e-3",
+            "--schedule",
+            "constant",
+            "-q",
+        ],
+    ));
+    ok(train(
+        d.path(),
+        &[
+            "d.jsonl",
+            "-o",
+            "short",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--schedule",
+            "constant",
+            "-q",
+        ],
+    ));
+    let (a, b) = (
+        weights(&d.path().join("long/checkpoint-2/model.safetensors")),
+        weights(&d.path().join("short/model.safetensors")),
+    );
+    for (k, t) in &a {
+        assert_eq!(max_diff(t, &b[k]), 0.0, "{k}");
+    }
+    let r = ok(run(
+        "cf-kl",
+        &[
+            "--base",
+            "short",
+            "--model",
+            "long/checkpoint-2",
+            "d.jsonl",
+            "-q",
+        ],
+        d.path(),
+        None,
+    ));
+    let j: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["kl_token"].as_f64(), Some(0.0));
+    assert_eq!(j["kl_seq"].as_f64(), Some(0.0));
+    // The saved files carry transformers' metadata.
+    let bytes = std::fs::read(d.path().join("short/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(d.path().join("short").join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn lora_changes_only_adapter_tensors() {
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 8);
+    let before = std::fs::read(fixture("llama").join("model.safetensors")).unwrap();
+    ok(train(
+        d.path(),
+        &[
+            "d.jsonl",
+            "-o",
+            "lo",
+            "--max-steps",
+            "5",
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "4",
+            "--merge",
+            "-q",
+        ],
+    ));
+    assert_eq!(
+        std::fs::read(fixture("llama").join("model.safetensors")).unwrap(),
+        before,
+        "the base model file changed"
+    );
+    let ad = weights(&d.path().join("lo/adapter_model.safetensors"));
+    assert_eq!(
+        ad.len(),
+        2 * 2 * 2,
+        "q_proj and v_proj of 2 layers, A and B"
+    );
+    assert!(ad
+        .keys()
+        .all(|k| k.starts_with("base_model.model.model.layers.")
+            && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
+    assert!(
+        ad.iter()
+            .filter(|(k, _)| k.contains("lora_B"))
+            .all(|(_, b)| b
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0),
+        "B stayed zero"
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("lo/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["peft_type"].as_str(), cfg["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    let base = weights(&fixture("llama").join("model.safetensors"));
+    let merged = weights(&d.path().join("lo/merged/model.safetensors"));
+    for (k, t) in &base {
+        let moved = max_diff(t, &merged[k]) > 0.0;
+        let targeted = k.contains("q_proj") || k.contains("v_proj");
+        assert_eq!(moved, targeted, "{k}: moved={moved}");
+    }
+    // The adapter folder is not a model; the merged one is.
+    let r = run("cf-sample", &["--model", "lo", "-n", "1"], d.path(), None);
+    assert!(r.stderr.contains("holds a LoRA adapter"), "{r}");
+    ok(run(
+        "cf-sample",
+        &["--model", "lo/merged", "-n", "1", "--max-tokens", "3"],
+        d.path(),
+        None,
+    ));
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 4);
+    let r = train(
+        d.path(),
+        &[
+            "d.jsonl",
+            "-o",
+            "out",
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--schedule",
+            "constant",
+            "--max-steps",
+            "5",
+            "--save-every",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+    );
+    assert_eq!(r.code, 2, "{r}");
+    let err = r.stderr.lines().last().unwrap();
+    assert!(
+        err.contains("the loss is") && err.contains("last good checkpoint: out/checkpoint-"),
+        "{r}"
+    );
+    let ckpt = err
+        .rsplit("checkpoint: ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    let w = weights(&d.path().join(ckpt).join("model.safetensors"));
+    assert!(
+        w.values().all(|t| t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_finite())),
+        "checkpoint has non-finite weights"
+    );
+    assert!(
+        !d.path().join("out/model.safetensors").exists(),
+        "no final model after a failed run"
+    );
+}
+
+#[test]
+fn per_source_weights_exact_kl_and_config_file() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("llama");
+    // Context-free samples from the model itself, mixed with task text.
+    let s = ok(run(
+        "cf-sample",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "-n",
+            "4",
+            "--max-tokens",
+            "8",
+            "-q",
+        ],
+        d.path(),
+        None,
+    ));
+    std::fs::write(d.path().join("cfs.jsonl"), s.stdout).unwrap();
+    text_data(d.path(), 4);
+    ok(run(
+        "cf-mix",
+        &["task:d.jsonl", "cf:cfs.jsonl", "-o", "mix.jsonl", "-q"],
+        d.path(),
+        None,
+    ));
+    std::fs::write(d.path().join("train.toml"), "max_steps = 1\nbatch_size = 8\nweight = [\"cf=0.5\"]\nexact_kl = [\"cf\"]\nmetrics = \"m.jsonl\"\nquiet = true\n").unwrap();
+    ok(train(
+        d.path(),
+        &["mix.jsonl", "-o", "out", "--config", "train.toml"],
+    ));
+    let m = &metrics(&d.path().join("m.jsonl"))[0];
+    // Before the first update the model is the original: the exact KL term is zero (to the
+    // rounding between the fused inference kernels of the frozen copy and the training ops).
+    assert!(
+        m["loss_by_source"]["cf (exact KL)"].as_f64().unwrap().abs() < 1e-6,
+        "{m}"
+    );
+    assert!(m["loss_by_source"]["task"].as_f64().unwrap() > 1.0, "{m}");
+    // Flags override the file; unknown keys are named.
+    ok(train(
+        d.path(),
+        &[
+            "mix.jsonl",
+            "-o",
+            "out2",
+            "--config",
+            "train.toml",
+            "--max-steps",
+            "2",
+        ],
+    ));
+    assert_eq!(metrics(&d.path().join("m.jsonl")).len(), 3);
+    std::fs::write(d.path().join("bad.toml"), "learning_rate = 1\n").unwrap();
+    let r = train(d.path(), &["mix.jsonl", "-o", "o3", "--config", "bad.toml"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("bad.toml: unknown key \"learning_rate\""),
+        "{r}"
+    );
+}
+
+#[test]
+fn bad_records_and_flags() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("b.jsonl"),
+        "{\"text\": \"ok\"}\n{\"question\": \"?\"}\n",
+    )
+    .unwrap();
+    let r = train(d.path(), &["b.jsonl", "-o", "o"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("b.jsonl:2: nothing to train on"), "{r}");
+    assert!(
+        !d.path().join("o").exists(),
+        "bad data must fail before anything is written"
+    );
+    let r = train(d.path(), &["b.jsonl", "-o", "o", "--lr", "0"]);
+    assert!(r.stderr.contains("--lr must be > 0"), "{r}");
+    let r = train(d.path(), &["b.jsonl", "-o", "o", "--merge"]);
+    assert!(r.stderr.contains("--merge needs --lora-rank"), "{r}");
+}
+
+#[test]
+fn bf16_compute_trains_full_and_lora() {
+    // f32 master weights (and LoRA adapters) with a bf16 forward: the loss still falls, and the
+    // saved weights are f32.
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 8);
+    for (out, extra) in [
+        ("full", vec![]),
+        ("lora", vec!["--lora-rank", "8", "--lora-targets", "all"]),
+    ] {
+        let mut a = vec![
+            "d.jsonl",
+            "-o",
+            out,
+            "--dtype",
+            "bf16",
+            "--lr",
+            "3e-3",
+            "--max-steps",
+            "12",
+            "--metrics",
+            "m.jsonl",
+            "-q",
+        ];
+        a.extend(extra);
+        ok(train(d.path(), &a));
+    }
+    let m = metrics(&d.path().join("m.jsonl"));
+    for run in [&m[..12], &m[12..]] {
+        let (first, last) = (
+            run[0]["loss"].as_f64().unwrap(),
+            run[11]["loss"].as_f64().unwrap(),
+        );
+        assert!(last < first * 0.8, "bf16 loss {first} → {last}");
+    }
+    let w = weights(&d.path().join("full/model.safetensors"));
+    assert!(w.values().all(|t| t.dtype() == DType::F32));
+}
