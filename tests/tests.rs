@@ -5,6 +5,7 @@
 mod util;
 
 mod decoder;
+mod eval;
 mod kl;
 mod mix;
 mod models;

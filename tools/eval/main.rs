@@ -1,10 +1,122 @@
-//! cf-eval: not built yet (issue #7). The binary exists so the workspace's shape is fixed;
-//! it refuses to run rather than pretend.
+//! cf-eval: measure what was kept and what was learned.
 
+mod extract;
+mod run;
+mod score;
+mod tasks;
+
+use anyhow::Result;
+use cf_common::cli::{LogArgs, ModelArgs};
+use clap::Parser;
 use std::process::ExitCode;
 
+/// Evaluate a model the way lm-evaluation-harness does (zero-shot), on task files you have.
+///
+/// Multiple choice by log-likelihood (acc, acc_norm by character length, their standard
+/// errors; lm-eval's context/continuation split, " " target delimiter, and no BOS unless
+/// --add-bos-token), Winogrande-style partial scoring, perplexity (token, word, bits per byte),
+/// and generative tasks (greedy or sampled; strict and flexible answer extraction; pass@k,
+/// maj@k). A task file is JSONL or Parquet: {"context", "choices", "gold"} by default (see the
+/// --*-field flags), {"contexts", "continuation", "gold"}, {"text"}, or {"prompt", "answer"};
+/// --preset maps the published layouts of arc_easy, arc_challenge, hellaswag, piqa, sciq,
+/// openbookqa, boolq, copa, winogrande, gsm8k, math500 and wikitext. The report (JSON, shaped
+/// like lm-eval's results/configs/versions) goes to stdout or -o.
+///
+/// Examples:
+///   cf-eval --model M --task arc_easy:ARC-Easy-test.parquet --task piqa:valid.parquet -o before.json
+///   cf-eval --model ft/ --task arc_easy:ARC-Easy-test.parquet --compare before.json
+///   cf-eval --model R1 --task gsm8k:test.parquet --chat --sampling r1 -n 8 --max-tokens 4096
+///   cf-eval --model M --task mc.jsonl --log-samples s.jsonl | jq .results
+#[derive(Parser, Debug)]
+#[command(name = "cf-eval", version, verbatim_doc_comment)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// A task: [PRESET:]FILE, or FILE with --preset. Repeat for several (they share the model).
+    #[arg(long = "task", required = true, value_name = "[PRESET:]FILE")]
+    pub tasks: Vec<String>,
+
+    /// Preset for tasks given without one.
+    #[arg(long)]
+    pub preset: Option<String>,
+
+    /// Field holding the context, for multiple-choice records without a preset.
+    #[arg(long, default_value = "context")]
+    pub context_field: String,
+
+    /// Field holding the list of choices.
+    #[arg(long, default_value = "choices")]
+    pub choices_field: String,
+
+    /// Field holding the gold choice (an index, or the choice's text).
+    #[arg(long, default_value = "gold")]
+    pub gold_field: String,
+
+    /// Put between the context and each choice (lm-eval's target_delimiter).
+    #[arg(long, default_value = " ")]
+    pub target_delimiter: String,
+
+    /// Add BOS to every context, as lm-eval's add_bos_token=True.
+    #[arg(long)]
+    pub add_bos_token: bool,
+
+    /// Evaluate only the first N documents of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    /// Generative tasks: answers per problem (pass@1 is their mean; pass@k and maj@k use them).
+    #[arg(short = 'n', long = "num-samples", default_value_t = 1)]
+    pub n: usize,
+
+    /// Generative tasks: temperature (0, the default, is greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+
+    #[arg(long)]
+    pub top_p: Option<f64>,
+
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Sampling preset: r1 is DeepSeek-R1's (temperature 0.6, top-p 0.95).
+    #[arg(long, value_parser = ["r1"])]
+    pub sampling: Option<String>,
+
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Generative tasks: prompt through the chat template as a user turn.
+    #[arg(long)]
+    pub chat: bool,
+
+    /// Generative tasks: text put after the prompt (e.g. $'<think>\n' for a thinking model).
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// Generative tasks: cut answers at this text (repeatable; gsm8k's preset stops at "Question:").
+    #[arg(long)]
+    pub stop: Vec<String>,
+
+    /// Write every document's requests, scores and answers to FILE (.jsonl or .parquet).
+    #[arg(long, value_name = "FILE")]
+    pub log_samples: Option<String>,
+
+    /// A report from before fine-tuning: print and record the before/after table.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<String>,
+
+    /// Write the report here instead of stdout.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<String>,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
 fn main() -> ExitCode {
-    cf_common::exit::run_main("cf-eval", || {
-        anyhow::bail!("cf-eval is not implemented yet (tracked in issue #7)")
-    })
+    cf_common::exit::run_main("cf-eval", || -> Result<()> { run::run(&Args::parse()) })
 }
