@@ -8,9 +8,9 @@ build:
 test:
     cargo test --release
 
-# The main job on the model that ships with the project
+# The main job: the forgetting experiment in miniature (about 4 minutes on 2 cores)
 demo:
-    examples/demo.sh
+    examples/forgetting/run.sh out/forgetting
 
 # Decoder forward/decode and cf-sample throughput on CPU, beside transformers (when installed), same run
 bench:

@@ -6,6 +6,7 @@ mod util;
 
 mod decoder;
 mod eval;
+mod examples;
 mod kl;
 mod mix;
 mod models;
