@@ -47,7 +47,10 @@ impl Rng {
 }
 
 fn name(r: &mut Rng, syllables: usize) -> String {
-    const S: [&str; 16] = ["ka", "lo", "mi", "ra", "ven", "dor", "sa", "tu", "pel", "zor", "ni", "qua", "bri", "fen", "go", "lis"];
+    const S: [&str; 16] = [
+        "ka", "lo", "mi", "ra", "ven", "dor", "sa", "tu", "pel", "zor", "ni", "qua", "bri", "fen",
+        "go", "lis",
+    ];
     let mut s: String = (0..syllables).map(|_| *r.pick(&S)).collect();
     s[..1].make_ascii_uppercase();
     s
@@ -96,10 +99,32 @@ fn main() -> Result<()> {
     let mut r = Rng(ChaCha8Rng::seed_from_u64(2026));
 
     let countries = distinct(&mut r, 24, 2);
-    let cities: Vec<String> = distinct(&mut r, 48, 2).into_iter().filter(|c| !countries.contains(c)).take(24).collect();
+    let cities: Vec<String> = distinct(&mut r, 48, 2)
+        .into_iter()
+        .filter(|c| !countries.contains(c))
+        .take(24)
+        .collect();
     let styles = [
-        ("Once upon a time", ["a fox", "a small bird", "an old king", "a robot"], ["found a key", "lost its way", "sang a song", "built a house"]),
-        ("In the morning", ["the baker", "my friend", "the teacher", "a farmer"], ["opened the door", "walked to town", "read a book", "fed the cows"]),
+        (
+            "Once upon a time",
+            ["a fox", "a small bird", "an old king", "a robot"],
+            [
+                "found a key",
+                "lost its way",
+                "sang a song",
+                "built a house",
+            ],
+        ),
+        (
+            "In the morning",
+            ["the baker", "my friend", "the teacher", "a farmer"],
+            [
+                "opened the door",
+                "walked to town",
+                "read a book",
+                "fed the cows",
+            ],
+        ),
     ];
     // Sums a + b with a, b < 10; every fourth pair is held out for the evaluation.
     let pairs: Vec<(usize, usize)> = (0..10).flat_map(|a| (0..10).map(move |b| (a, b))).collect();
@@ -125,25 +150,66 @@ fn main() -> Result<()> {
         let j = r.below(i + 1);
         corpus.swap(i, j);
     }
-    write(&out.join("corpus.jsonl"), &corpus.iter().map(|t| json!({"text": t})).collect::<Vec<_>>())?;
-    let replay: Vec<_> = corpus.iter().step_by(4).map(|t| json!({"text": t})).collect();
+    write(
+        &out.join("corpus.jsonl"),
+        &corpus
+            .iter()
+            .map(|t| json!({"text": t}))
+            .collect::<Vec<_>>(),
+    )?;
+    let replay: Vec<_> = corpus
+        .iter()
+        .step_by(4)
+        .map(|t| json!({"text": t}))
+        .collect();
     write(&out.join("replay.jsonl"), &replay)?;
 
-    let capitals: Vec<_> = countries.iter().zip(&cities).map(|(c, city)| mc(&mut r, format!("The capital of {c} is"), city, &cities)).collect();
+    let capitals: Vec<_> = countries
+        .iter()
+        .zip(&cities)
+        .map(|(c, city)| mc(&mut r, format!("The capital of {c} is"), city, &cities))
+        .collect();
     write(&out.join("old_capitals.jsonl"), &capitals)?;
     let numbers: Vec<String> = (0..19).map(|n| n.to_string()).collect();
-    let sums: Vec<_> = held.iter().map(|(_, (a, b))| mc(&mut r, format!("{a} plus {b} is"), &(a + b).to_string(), &numbers)).collect();
+    let sums: Vec<_> = held
+        .iter()
+        .map(|(_, (a, b))| {
+            mc(
+                &mut r,
+                format!("{a} plus {b} is"),
+                &(a + b).to_string(),
+                &numbers,
+            )
+        })
+        .collect();
     write(&out.join("old_sums.jsonl"), &sums)?;
 
     // The new task: people and their jobs, a kind of fact the base has never seen.
     let people = distinct(&mut r, 30, 3);
-    let jobs: Vec<String> = ["painter", "sailor", "doctor", "farmer", "baker", "pilot"].iter().map(|s| s.to_string()).collect();
+    let jobs: Vec<String> = ["painter", "sailor", "doctor", "farmer", "baker", "pilot"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let assigned: Vec<String> = people.iter().map(|_| r.pick(&jobs).clone()).collect();
-    let train: Vec<_> = people.iter().zip(&assigned).map(|(p, j)| json!({"prompt": format!("{p} works as a"), "completion": format!(" {j}.")})).collect();
+    let train: Vec<_> = people
+        .iter()
+        .zip(&assigned)
+        .map(|(p, j)| json!({"prompt": format!("{p} works as a"), "completion": format!(" {j}.")}))
+        .collect();
     write(&out.join("new_train.jsonl"), &train)?;
-    let eval: Vec<_> = people.iter().zip(&assigned).map(|(p, j)| mc(&mut r, format!("{p} works as a"), j, &jobs)).collect();
+    let eval: Vec<_> = people
+        .iter()
+        .zip(&assigned)
+        .map(|(p, j)| mc(&mut r, format!("{p} works as a"), j, &jobs))
+        .collect();
     write(&out.join("new_eval.jsonl"), &eval)?;
-    write(&out.join("new_prompts.jsonl"), &people.iter().map(|p| json!({"prompt": format!("{p} works as a")})).collect::<Vec<_>>())?;
+    write(
+        &out.join("new_prompts.jsonl"),
+        &people
+            .iter()
+            .map(|p| json!({"prompt": format!("{p} works as a")}))
+            .collect::<Vec<_>>(),
+    )?;
 
     // The base model before pretraining: small random weights, unit norms.
     let init = out.join("base-init");
@@ -156,18 +222,28 @@ fn main() -> Result<()> {
         let v: Vec<f32> = if n.ends_with("norm.weight") {
             vec![1.0; count]
         } else {
-            (0..count).map(|_| ((r.uniform() * 2.0 - 1.0) * 0.02 * 3f64.sqrt()) as f32).collect()
+            (0..count)
+                .map(|_| ((r.uniform() * 2.0 - 1.0) * 0.02 * 3f64.sqrt()) as f32)
+                .collect()
         };
         tensors.insert(n, Tensor::from_vec(v, shape, &Device::Cpu)?);
     }
     save_safetensors(&tensors, &init.join("model.safetensors"))?;
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/llama");
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(fx.join(f), init.join(f))?;
     }
     eprintln!(
         "demo_data: {} corpus lines, {} capitals, {} held-out sums, {} new-task facts in {}",
-        corpus.len(), capitals.len(), sums.len(), train.len(), out.display()
+        corpus.len(),
+        capitals.len(),
+        sums.len(),
+        train.len(),
+        out.display()
     );
     Ok(())
 }

@@ -45,35 +45,12 @@ impl Stat {
     }
 }
 
-fn id_list(rec: &Record, field: &str, vocab: usize) -> Result<Option<Vec<u32>>> {
-    let Some(v) = rec.get(field) else {
-        return Ok(None);
-    };
-    if v.is_null() {
-        return Ok(None);
-    }
-    let arr = v
-        .as_array()
-        .ok_or_else(|| anyhow!("\"{field}\" is not a list of token ids"))?;
-    arr.iter()
-        .enumerate()
-        .map(|(i, x)| match x.as_u64() {
-            Some(id) if (id as usize) < vocab => Ok(id as u32),
-            Some(id) => Err(anyhow!(
-                "{field}[{i}] = {id} is outside the vocabulary (0..{vocab})"
-            )),
-            None => Err(anyhow!("{field}[{i}] is not a token id")),
-        })
-        .collect::<Result<Vec<u32>>>()
-        .map(Some)
-}
-
 /// The sample a record holds: `token_ids` (exact), else `text` tokenised; conditioned on
 /// `prefix_ids`, else the document-start token.
 fn item(scorer: &Scorer, rec: &Record) -> Result<Item> {
     let m = scorer.model;
     let vocab = m.cfg.vocab_size;
-    let prefix = match id_list(rec, "prefix_ids", vocab)? {
+    let prefix = match cf_common::record::token_ids(rec, "prefix_ids", vocab)? {
         Some(p) if !p.is_empty() => p,
         Some(_) => {
             bail!("\"prefix_ids\" is empty: a sample must be conditioned on at least one token")
@@ -83,7 +60,10 @@ fn item(scorer: &Scorer, rec: &Record) -> Result<Item> {
             .document_start()
             .ok_or_else(|| anyhow!("no prefix_ids, and the tokenizer has no BOS or EOS"))?],
     };
-    let tokens = match (id_list(rec, "token_ids", vocab)?, rec.get("text")) {
+    let tokens = match (
+        cf_common::record::token_ids(rec, "token_ids", vocab)?,
+        rec.get("text"),
+    ) {
         (Some(t), _) => t,
         (None, Some(Value::String(s))) => m.tok.encode(s, false)?,
         _ => bail!("neither \"token_ids\" nor \"text\": nothing to score"),

@@ -47,22 +47,6 @@ pub struct Builder<'a> {
     pub exact_kl: &'a [String],
 }
 
-fn ids_field(rec: &Record, field: &str, vocab: usize) -> Result<Option<Vec<u32>>> {
-    match rec.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(xs)) => xs
-            .iter()
-            .enumerate()
-            .map(|(i, x)| match x.as_u64() {
-                Some(id) if (id as usize) < vocab => Ok(id as u32),
-                _ => Err(anyhow!("{field}[{i}] is not a token id below {vocab}")),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
-        Some(_) => bail!("\"{field}\" is not a list of token ids"),
-    }
-}
-
 fn sharegpt_to_messages(conv: &Value) -> Result<Value> {
     let turns = conv
         .as_array()
@@ -192,8 +176,10 @@ impl Builder<'_> {
             .unwrap_or("train")
             .to_string();
         let str_of = |k: &str| rec.get(k).and_then(Value::as_str);
-        let (mut ids, mut target) = if let Some(tokens) = ids_field(rec, "token_ids", vocab)? {
-            let prefix = match ids_field(rec, "prefix_ids", vocab)? {
+        let (mut ids, mut target) = if let Some(tokens) =
+            cf_common::record::token_ids(rec, "token_ids", vocab)?
+        {
+            let prefix = match cf_common::record::token_ids(rec, "prefix_ids", vocab)? {
                 Some(p) if !p.is_empty() => p,
                 _ => vec![self.start()?],
             };

@@ -166,23 +166,19 @@ fn micro_loss(
         .forward_hidden(&ids, None)?
         .reshape((b * l, dec.cfg.hidden_size))?;
     let mut loss = Tensor::zeros((), DType::F32, &dev)?;
-    if !nll_rows.is_empty() {
-        let rows = Tensor::new(
-            nll_rows.iter().map(|x| x.0).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
-        let tg = Tensor::new(
-            nll_rows.iter().map(|x| x.1).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
+    // (rows, targets, weights) of a set of trained positions, as tensors.
+    let columns = |rs: &[(u32, u32, f64, usize)]| -> Result<(Tensor, Tensor, Tensor)> {
+        let col = |f: fn(&(u32, u32, f64, usize)) -> u32| {
+            Tensor::new(rs.iter().map(f).collect::<Vec<_>>().as_slice(), &dev)
+        };
         let w = Tensor::new(
-            nll_rows
-                .iter()
-                .map(|x| x.2 as f32)
-                .collect::<Vec<_>>()
-                .as_slice(),
+            rs.iter().map(|x| x.2 as f32).collect::<Vec<_>>().as_slice(),
             &dev,
         )?;
+        Ok((col(|x| x.0)?, col(|x| x.1)?, w))
+    };
+    if !nll_rows.is_empty() {
+        let (rows, tg, w) = columns(&nll_rows)?;
         let lp = dec
             .target_logprobs(&h.index_select(&rows, 0)?, &tg)?
             .to_dtype(DType::F32)?;
@@ -195,18 +191,7 @@ fn micro_loss(
     }
     if !kl_rows.is_empty() {
         let base = base.ok_or_else(|| anyhow!("internal: exact KL without the original model"))?;
-        let rows = Tensor::new(
-            kl_rows.iter().map(|x| x.0).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
-        let w = Tensor::new(
-            kl_rows
-                .iter()
-                .map(|x| x.2 as f32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &dev,
-        )?;
+        let (rows, _, w) = columns(&kl_rows)?;
         let hb = base
             .forward_hidden(&ids, None)?
             .reshape((b * l, base.cfg.hidden_size))?

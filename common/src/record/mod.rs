@@ -48,5 +48,27 @@ impl Format {
     }
 }
 
+/// A record's list of token ids (`token_ids`, `prefix_ids`), each checked against the
+/// vocabulary size. None when the field is absent or null.
+pub fn token_ids(rec: &Record, field: &str, vocab: usize) -> anyhow::Result<Option<Vec<u32>>> {
+    let Some(v) = rec.get(field).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let arr = v
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("\"{field}\" is not a list of token ids"))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| match x.as_u64() {
+            Some(id) if (id as usize) < vocab => Ok(id as u32),
+            Some(id) => Err(anyhow::anyhow!(
+                "{field}[{i}] = {id} is outside the vocabulary (0..{vocab})"
+            )),
+            None => Err(anyhow::anyhow!("{field}[{i}] is not a token id")),
+        })
+        .collect::<anyhow::Result<Vec<u32>>>()
+        .map(Some)
+}
+
 /// Rows per Parquet row group when writing.
 pub const PARQUET_ROW_GROUP: usize = 8192;
