@@ -31,3 +31,7 @@ lint:
 # CUDA build (needs a CUDA 12/13 toolkit and CUDA_COMPUTE_CAP, see README)
 cuda:
     cargo build --release --features cuda --bins
+
+# GPU tests (skip themselves where no CUDA device is visible)
+test-gpu:
+    cargo test --release --features cuda gpu:: -- --test-threads=1

@@ -7,6 +7,8 @@ mod util;
 mod decoder;
 mod eval;
 mod examples;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod kl;
 mod mix;
 mod models;
