@@ -471,3 +471,14 @@ fn bad_task_files_are_named() {
     );
     assert!(r.stderr.contains("q.jsonl:1: cannot tell the task"), "{r}");
 }
+
+#[test]
+fn copa_premises_ending_in_multibyte_characters() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("c.jsonl"), json!({"premise": "L'homme est tombé…", "choice1": "Il a glissé.", "choice2": "Il a chanté.", "question": "cause", "label": 0}).to_string() + "\n").unwrap();
+    let (_, s) = eval(d.path(), "llama", &["--task", "copa:c.jsonl"]);
+    assert_eq!(
+        s[0]["requests"][0],
+        json!(["L'homme est tombé because", " il a glissé."])
+    );
+}

@@ -174,3 +174,42 @@ fn a_model_id_resolves_from_the_hugging_face_cache() {
         "{missing}"
     );
 }
+
+#[test]
+fn a_diverged_model_is_an_error_not_a_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    copy_dir(&fixture("llama"), &d);
+    let mut t = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let w = &t["model.norm.weight"];
+    let nan = candle_core::Tensor::full(f32::NAN, w.shape(), &Device::Cpu).unwrap();
+    t.insert("model.norm.weight".into(), nan);
+    cf_common::model::save::save_safetensors(&t, &d.join("model.safetensors")).unwrap();
+    let m = d.to_str().unwrap();
+    let r = run(
+        "cf-sample",
+        &["--model", m, "-n", "2", "--max-tokens", "3"],
+        tmp.path(),
+        None,
+    );
+    assert_eq!(r.code, 2, "{r}");
+    assert!(r.stderr.contains("non-finite logits"), "{r}");
+    let r = run(
+        "cf-kl",
+        &[
+            "--base",
+            fixture("llama").to_str().unwrap(),
+            "--model",
+            m,
+            "-q",
+        ],
+        tmp.path(),
+        Some(b"{\"token_ids\": [5, 6]}\n"),
+    );
+    assert_eq!(r.code, 2, "{r}");
+    assert!(
+        r.stderr
+            .contains("<stdin>:1: a model gave a non-finite log-probability"),
+        "{r}"
+    );
+}

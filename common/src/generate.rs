@@ -212,6 +212,9 @@ pub fn generate(
         let mut keep = Vec::with_capacity(active.len());
         let mut finished = Vec::new();
         for (pos, &row) in active.iter().enumerate() {
+            if logits[pos].iter().any(|x| !x.is_finite()) {
+                bail!("the model produced non-finite logits (NaN or infinity); its weights may have diverged");
+            }
             let (tok, lp) = choose(&logits[pos], p, &mut rngs[row]);
             let g = &mut out[row];
             g.tokens.push(tok);

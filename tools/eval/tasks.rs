@@ -197,8 +197,10 @@ fn preset_doc(preset: &str, r: &Record) -> Result<Task1> {
                 "effect" => "therefore",
                 q => bail!("copa: question {q:?} is neither cause nor effect"),
             };
-            let premise = s(r, "premise")?.trim();
-            let premise = &premise[..premise.len().saturating_sub(1)];
+            // Python's premise.strip()[:-1]: drop the last character (the full stop).
+            let mut premise = s(r, "premise")?.trim().chars();
+            premise.next_back();
+            let premise = premise.as_str();
             let lower = |c: &str| -> String {
                 let mut it = c.chars();
                 it.next()

@@ -127,6 +127,9 @@ pub fn run(
                 })?,
             };
             let kl_seq = lp0 - s.logprob_model;
+            if !kl_seq.is_finite() || s.kl_token.is_some_and(|k| !k.is_finite()) {
+                bail!("{loc}: a model gave a non-finite log-probability (NaN or infinity); its weights may have diverged");
+            }
             seq.push(kl_seq);
             tokens += it.tokens.len();
             truncated +=
