@@ -17,6 +17,7 @@ bench:
     cargo build --release --bins
     cargo run --release --example bench_decoder -- out/bench
     python3 scripts/bench_transformers.py out/bench
+    python3 scripts/bench_eval.py out/bench
     scripts/bench_mix.sh 2 out/bench-mix
 
 # Regenerate the test models and their float64 references (needs torch + transformers)
