@@ -148,11 +148,7 @@ fn batched_equals_unbatched() {
         // what a real position sees.
         let padded: Vec<u32> = seqs
             .iter()
-            .flat_map(|s| {
-                s.iter()
-                    .cloned()
-                    .chain(std::iter::repeat(3).take(t - s.len()))
-            })
+            .flat_map(|s| s.iter().cloned().chain(std::iter::repeat_n(3, t - s.len())))
             .collect();
         let batch = Tensor::from_vec(padded, (seqs.len(), t), &Device::Cpu).unwrap();
         let lp = m

@@ -325,9 +325,9 @@ pub fn load(
     fields: &Fields,
     limit: Option<usize>,
 ) -> Result<Task> {
-    let mut reader = record::open(Some(path), ReadOptions::default())?;
+    let reader = record::open(Some(path), ReadOptions::default())?;
     let (mut mcs, mut gens, mut ppl) = (Vec::new(), Vec::new(), Vec::new());
-    while let Some(r) = reader.next() {
+    for r in reader {
         if limit.is_some_and(|l| mcs.len() + gens.len() + ppl.len() >= l) {
             break;
         }

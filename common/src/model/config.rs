@@ -293,7 +293,10 @@ impl RopeScaling {
                         // PyTorch evaluates `scalar / tensor` as `tensor.reciprocal() * scalar`.
                         let wavelen = (1.0 / f) * (2.0 * std::f32::consts::PI);
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        if !(wavelen < high_wavelen) && !(wavelen > low_wavelen) {
+                        // transformers' `~(wavelen < high) * ~(wavelen > low)`, kept as written.
+                        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
                             let smooth = ((1.0 / wavelen) * old - low) / (high - low);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
                         } else {
