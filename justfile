@@ -33,6 +33,12 @@ lint:
 cuda:
     cargo build --release --features cuda --bins
 
+# GPU benchmarks beside PyTorch (after `just cuda`): olmo-1b and llama3-8b shapes, random weights
+bench-gpu:
+    cargo build --release --features cuda --bins --examples
+    scripts/bench_gpu.sh olmo-1b cuda
+    scripts/bench_gpu.sh llama3-8b cuda
+
 # GPU tests (skip themselves where no CUDA device is visible)
 test-gpu:
     cargo test --release --features cuda gpu:: -- --test-threads=1
