@@ -7,7 +7,7 @@
 //! Writes to OUT:
 //!   corpus.jsonl       the base model's training text: capitals of made-up countries, sums of
 //!                      small numbers, and short stories in a few styles
-//!   base-init/         a randomly initialised Llama-style model (~1M parameters) with the
+//!   base-init/         a randomly initialised Llama-style model (~0.8M parameters) with the
 //!                      project's test tokenizer, for cf-train to pretrain
 //!   old_capitals.jsonl, old_sums.jsonl
 //!                      zero-shot multiple-choice suites on what the base knows (cf-eval's format);
