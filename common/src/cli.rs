@@ -66,6 +66,20 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// Repeatable `NAME=VALUE` flag values (`--weight cf=0.5`, `--map a=b`), split at the first `=`;
+/// `usage` completes the error, e.g. "expected SOURCE=λ".
+pub fn name_values(items: &[String], flag: &str, usage: &str) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("{flag} {s}: {usage}"))
+        })
+        .collect()
+}
+
 /// `-q` / `-v`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct LogArgs {

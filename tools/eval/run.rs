@@ -95,12 +95,11 @@ fn perplexity(
             .rolling(t)
             .with_context(|| format!("{name}: document {i}"))?;
         // lm-eval counts words as len(re.split(r"\s+", doc)): one more than the whitespace runs.
-        let runs = t
-            .chars()
-            .zip(std::iter::once(' ').chain(t.chars()))
-            .filter(|(c, prev)| c.is_whitespace() && !prev.is_whitespace())
-            .count()
-            + usize::from(t.starts_with(char::is_whitespace));
+        let (mut runs, mut in_space) = (0usize, false);
+        for c in t.chars() {
+            runs += usize::from(c.is_whitespace() && !in_space);
+            in_space = c.is_whitespace();
+        }
         let w = 1 + runs;
         ll += l;
         toks += n;

@@ -58,37 +58,45 @@ impl Scorer<'_> {
         let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = KvCache::new(d.cfg.num_layers, ctx.len() + longest);
         let h = d.forward_hidden(&Tensor::new(ctx, dev)?.unsqueeze(0)?, Some(&mut cache))?;
+        // Only the continuation tokens' log-probabilities and the argmaxes leave the device,
+        // never whole vocabulary rows.
         let first = lsm(d.logits(&h.narrow(1, ctx.len() - 1, 1)?.squeeze(1)?)?)?.squeeze(0)?;
-        let first: Vec<f32> = first.to_vec1()?;
+        let firsts: Vec<u32> = conts.iter().map(|c| c[0]).collect();
+        let first_lp: Vec<f32> = first
+            .index_select(&Tensor::new(firsts.as_slice(), dev)?, 0)?
+            .to_vec1()?;
+        let first_best = first.argmax(0)?.to_scalar::<u32>()?;
         let n = conts.len();
         cache.select_rows(&vec![0u32; n])?;
         let mut ids = vec![0u32; n * longest];
+        let mut next = vec![0u32; n * longest.saturating_sub(1)];
         for (i, c) in conts.iter().enumerate() {
             ids[i * longest..i * longest + c.len()].copy_from_slice(c);
+            // Position j predicts token j + 1.
+            next[i * (longest - 1)..i * (longest - 1) + c.len() - 1].copy_from_slice(&c[1..]);
         }
-        let rest = if longest > 1 {
+        let (rest_lp, rest_best) = if longest > 1 {
             let h =
                 d.forward_hidden(&Tensor::from_vec(ids, (n, longest), dev)?, Some(&mut cache))?;
-            Some(lsm(d.logits(&h)?)?.to_vec3::<f32>()?)
+            let lp = lsm(d.logits(&h.narrow(1, 0, longest - 1)?)?)?;
+            let tg = Tensor::from_vec(next, (n, longest - 1, 1), dev)?;
+            (
+                lp.gather(&tg, 2)?.squeeze(2)?.to_vec2::<f32>()?,
+                lp.argmax(D::Minus1)?.to_vec2::<u32>()?,
+            )
         } else {
-            None
-        };
-        let argmax = |row: &[f32]| {
-            row.iter()
-                .enumerate()
-                .fold(0, |b, (i, &x)| if x > row[b] { i } else { b })
+            (vec![Vec::new(); n], vec![Vec::new(); n])
         };
         Ok(conts
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let mut ll = first[c[0] as usize] as f64;
-                let mut greedy = argmax(&first) == c[0] as usize;
-                for j in 1..c.len() {
-                    let row = &rest.as_ref().unwrap()[i][j - 1];
-                    ll += row[c[j] as usize] as f64;
-                    greedy &= argmax(row) == c[j] as usize;
-                }
+                let ll = first_lp[i] as f64
+                    + rest_lp[i][..c.len() - 1]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .sum::<f64>();
+                let greedy = first_best == c[0] && rest_best[i][..c.len() - 1] == c[1..];
                 (ll, greedy)
             })
             .collect())
@@ -143,15 +151,10 @@ impl Scorer<'_> {
             let end = (start + self.max_len).min(toks.len());
             let ctx = vec![if start == 0 { prefix } else { toks[start - 1] }];
             // The window's own earlier tokens are its context: score it as one continuation.
-            let ll = self.window(&ctx, &toks[start..end])?;
-            total += ll;
+            total += self.shared(&ctx, &[toks[start..end].to_vec()])?[0].0;
             start = end;
         }
         Ok((total, toks.len()))
-    }
-
-    fn window(&self, ctx: &[u32], toks: &[u32]) -> Result<f64> {
-        Ok(self.shared(ctx, &[toks.to_vec()])?[0].0)
     }
 }
 

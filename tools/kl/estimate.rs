@@ -101,25 +101,15 @@ pub fn run(
     let (mut seq, mut tok) = (Stat::default(), Stat::default());
     let (mut tokens, mut truncated, mut biased) = (0usize, 0usize, 0usize);
     let t0 = Instant::now();
-    let mut batch: Vec<(Loc, Record, Item)> = Vec::new();
-    let mut flush = |batch: &mut Vec<(Loc, Record, Item)>| -> Result<()> {
+    let (mut batch, mut items): (Vec<(Loc, Record)>, Vec<Item>) = (Vec::new(), Vec::new());
+    let mut flush = |batch: &mut Vec<(Loc, Record)>, items: &mut Vec<Item>| -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let items: Vec<Item> = batch
-            .iter_mut()
-            .map(|(_, _, it)| {
-                std::mem::replace(
-                    it,
-                    Item {
-                        prefix: vec![],
-                        tokens: vec![],
-                    },
-                )
-            })
-            .collect();
-        let scores = scorer.score(&items)?;
-        for ((loc, mut rec, _), (s, it)) in batch.drain(..).zip(scores.into_iter().zip(&items)) {
+        let scores = scorer.score(items)?;
+        for ((loc, mut rec), (s, it)) in
+            batch.drain(..).zip(scores.into_iter().zip(items.drain(..)))
+        {
             let lp0 = match s.logprob_base {
                 Some(b) => b,
                 None => rec.get("logprob").and_then(Value::as_f64).ok_or_else(|| {
@@ -153,14 +143,17 @@ pub fn run(
     while let Some(next) = reader.next() {
         let (loc, rec) = next?;
         match item(scorer, &rec) {
-            Ok(it) => batch.push((loc, rec, it)),
+            Ok(it) => {
+                batch.push((loc, rec));
+                items.push(it);
+            }
             Err(e) => reader.reject(&loc, e)?,
         }
         if batch.len() >= scorer.batch_size {
-            flush(&mut batch)?;
+            flush(&mut batch, &mut items)?;
         }
     }
-    flush(&mut batch)?;
+    flush(&mut batch, &mut items)?;
     if seq.n == 0.0 {
         bail!("{}: no samples to score", reader.name());
     }

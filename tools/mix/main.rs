@@ -4,7 +4,7 @@ mod plan;
 mod source;
 
 use anyhow::{anyhow, bail, Result};
-use cf_common::cli::LogArgs;
+use cf_common::cli::{name_values, LogArgs};
 use cf_common::record::{write_atomic, Output, SchemaInfer, Writer};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
@@ -90,18 +90,6 @@ enum By {
     Tokens,
 }
 
-fn pairs(items: &[String], flag: &str) -> Result<Vec<(String, String)>> {
-    items
-        .iter()
-        .map(|s| {
-            s.split_once('=')
-                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| anyhow!("{flag} {s}: expected NAME=VALUE"))
-        })
-        .collect()
-}
-
 fn main() -> ExitCode {
     cf_common::exit::run_main("cf-mix", || run(Args::parse()))
 }
@@ -123,7 +111,7 @@ fn run(args: Args) -> Result<()> {
     if specs.iter().filter(|s| s.path == "-").count() > 1 {
         bail!("stdin (-) can be only one source");
     }
-    let weights = pairs(&args.weight, "--weight")?
+    let weights = name_values(&args.weight, "--weight", "expected NAME=VALUE")?
         .into_iter()
         .map(|(l, w)| {
             let w: f64 = w
@@ -135,7 +123,7 @@ fn run(args: Args) -> Result<()> {
             Ok((l, w))
         })
         .collect::<Result<Vec<_>>>()?;
-    let maps = pairs(&args.map, "--map")?;
+    let maps = name_values(&args.map, "--map", "expected NAME=VALUE")?;
     if let Some(t) = args.total {
         if !(t > 0.0 && t.is_finite()) {
             bail!("--total must be positive");

@@ -31,20 +31,17 @@ const ALL_TARGETS: [&str; 7] = [
 /// The ChaCha stream of LoRA's initialisation and dropout (data order uses streams 0, 1, … per epoch).
 const LORA_STREAM: u64 = 1 << 40;
 
-fn pairs(items: &[String]) -> Result<Vec<(String, f64)>> {
-    items
-        .iter()
-        .map(|s| {
-            let (k, v) = s
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--weight {s}: expected SOURCE=λ"))?;
+fn weights(items: &[String]) -> Result<Vec<(String, f64)>> {
+    cf_common::cli::name_values(items, "--weight", "expected SOURCE=λ")?
+        .into_iter()
+        .map(|(k, v)| {
             let w: f64 = v
                 .parse()
-                .map_err(|_| anyhow!("--weight {s}: not a number"))?;
+                .map_err(|_| anyhow!("--weight {k}={v}: not a number"))?;
             if !(w >= 0.0 && w.is_finite()) {
-                bail!("--weight {s}: must be >= 0");
+                bail!("--weight {k}={v}: must be >= 0");
             }
-            Ok((k.to_string(), w))
+            Ok((k, w))
         })
         .collect()
 }
@@ -379,9 +376,9 @@ fn fingerprint(examples: &[Example]) -> String {
 
 pub fn run(args: &Args) -> Result<()> {
     validate(args)?;
-    let weights = pairs(&args.weight)?;
+    let weights = weights(&args.weight)?;
     let out = PathBuf::from(&args.output);
-    let (files, cfg, tok, eos_ids) = Model::describe(&args.model.model)?;
+    let (_files, cfg, tok, eos_ids) = Model::describe(&args.model.model)?;
     // Data first: bad records fail before any weight is read.
     let mut reader = record::open(
         args.input.as_deref(),
@@ -434,7 +431,6 @@ pub fn run(args: &Args) -> Result<()> {
         args.log
             .warn(TOOL, format!("skipped {} bad records", reader.skipped()));
     }
-    drop(files);
 
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
@@ -479,8 +475,8 @@ pub fn run(args: &Args) -> Result<()> {
         args.weight_decay,
     )?;
 
-    let plans: Vec<usize> = vec![epoch_plan(&examples, args, 0).len()];
-    let steps_per_epoch = plans[0].div_ceil(args.grad_accum) as u64;
+    let mut plan = epoch_plan(&examples, args, 0);
+    let steps_per_epoch = plan.len().div_ceil(args.grad_accum) as u64;
     let total = args.max_steps.unwrap_or(args.epochs * steps_per_epoch);
     let warmup = match args.warmup_ratio {
         Some(r) => (r * total as f64).ceil() as u64,
@@ -523,7 +519,9 @@ pub fn run(args: &Args) -> Result<()> {
             steps_per_epoch
         ),
     );
-    let mut plan = epoch_plan(&examples, args, epoch);
+    if epoch != 0 {
+        plan = epoch_plan(&examples, args, epoch);
+    }
     let mut num_tokens: u64 = 0;
     let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
     while opt.step < total {
