@@ -161,41 +161,20 @@ fn gpu_training_step_matches_pytorch_and_lora_trains() {
     let d = tempfile::tempdir().unwrap();
     let data = root().join("fixtures/train/tiny.jsonl");
     let m = fixture("llama");
-    let r = run(
-        "cf-train",
-        &[
-            "--model",
-            m.to_str().unwrap(),
-            data.to_str().unwrap(),
-            "-o",
-            "out",
-            "--device",
-            "cuda",
-            "--dtype",
-            "f32",
-            "--lr",
-            "1e-3",
-            "--adam-beta1",
-            "0.9",
-            "--adam-beta2",
-            "0.95",
-            "--adam-eps",
-            "1e-6",
-            "--weight-decay",
-            "0.1",
-            "--max-grad-norm",
-            "1",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "3",
-            "--schedule",
-            "constant",
-            "-q",
-        ],
-        d.path(),
-        None,
-    );
+    let mut args = vec![
+        "--model",
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        "-o",
+        "out",
+        "--device",
+        "cuda",
+        "--dtype",
+        "f32",
+        "-q",
+    ];
+    args.extend(ADAMW_REFERENCE_FLAGS);
+    let r = run("cf-train", &args, d.path(), None);
     assert_eq!(r.code, 0, "{r}");
     let got = candle_core::safetensors::load(d.path().join("out/model.safetensors"), &Device::Cpu)
         .unwrap();

@@ -221,37 +221,24 @@ fn both_estimators_agree_with_the_exact_kl() {
     assert!(only.get("kl_token").is_none());
 
     // --max: a forgetting budget.
-    let over = kl(
-        &[
-            "--base",
+    let gate = |max: &str| {
+        let (b, f, s) = (
             base.to_str().unwrap(),
-            "--model",
             ft.to_str().unwrap(),
             s.to_str().unwrap(),
-            "--max",
-            "0.001",
-            "-q",
-        ],
-        dir.path(),
-    );
+        );
+        kl(
+            &["--base", b, "--model", f, s, "--max", max, "-q"],
+            dir.path(),
+        )
+    };
+    let over = gate("0.001");
     assert_eq!(over.code, 1, "{over}");
     assert!(
         over.stderr.contains("kl_token =") && over.stderr.contains("exceeds --max 0.001"),
         "{over}"
     );
-    let under = kl(
-        &[
-            "--base",
-            base.to_str().unwrap(),
-            "--model",
-            ft.to_str().unwrap(),
-            s.to_str().unwrap(),
-            "--max",
-            "100",
-            "-q",
-        ],
-        dir.path(),
-    );
+    let under = gate("100");
     assert_eq!(under.code, 0, "{under}");
 }
 

@@ -87,28 +87,33 @@ fn first_token_probs(model: &str) -> (u32, Vec<f64>) {
     (start, p.to_vec1::<f64>().unwrap())
 }
 
-#[test]
-fn first_tokens_follow_the_model_softmax() {
+/// Pearson's chi-square (and its degrees of freedom) of the first tokens of 6000 olmo samples
+/// drawn with `extra` flags, against the model's own next-token softmax after the start token.
+fn first_token_chi2(extra: &[&str]) -> (f64, f64) {
     let (_, probs) = first_token_probs("olmo");
-    let out = sample(
-        "olmo",
-        &[
-            "-n",
-            "6000",
-            "--max-tokens",
-            "1",
-            "--seed",
-            "3",
-            "--batch-size",
-            "500",
-            "-q",
-        ],
-    );
+    let mut args = vec![
+        "-n",
+        "6000",
+        "--max-tokens",
+        "1",
+        "--seed",
+        "3",
+        "--batch-size",
+        "500",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    let out = sample("olmo", &args);
     let mut counts = vec![0.0; probs.len()];
     for r in records(&out.stdout) {
         counts[r["token_ids"][0].as_u64().unwrap() as usize] += 1.0;
     }
-    let (stat, df) = chi2(&counts, &probs);
+    chi2(&counts, &probs)
+}
+
+#[test]
+fn first_tokens_follow_the_model_softmax() {
+    let (stat, df) = first_token_chi2(&[]);
     assert!(df > 20.0, "too few cells: {df}");
     assert!(
         stat < chi2_crit_001(df),
@@ -117,27 +122,7 @@ fn first_tokens_follow_the_model_softmax() {
     );
 
     // The test has power: tempered samples (T = 0.8) fail it.
-    let hot = sample(
-        "olmo",
-        &[
-            "-n",
-            "6000",
-            "--max-tokens",
-            "1",
-            "--seed",
-            "3",
-            "--batch-size",
-            "500",
-            "-q",
-            "--temperature",
-            "0.8",
-        ],
-    );
-    let mut counts = vec![0.0; probs.len()];
-    for r in records(&hot.stdout) {
-        counts[r["token_ids"][0].as_u64().unwrap() as usize] += 1.0;
-    }
-    let (stat, df) = chi2(&counts, &probs);
+    let (stat, df) = first_token_chi2(&["--temperature", "0.8"]);
     assert!(
         stat > chi2_crit_001(df),
         "tempered samples passed: {stat:.1} on {df} df"

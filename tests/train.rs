@@ -59,35 +59,16 @@ fn text_data(dir: &Path, n: usize) {
 fn two_adamw_steps_match_pytorch() {
     let d = tempfile::tempdir().unwrap();
     let data = root().join("fixtures/train/tiny.jsonl");
-    ok(train(
-        d.path(),
-        &[
-            data.to_str().unwrap(),
-            "-o",
-            "out",
-            "--lr",
-            "1e-3",
-            "--adam-beta1",
-            "0.9",
-            "--adam-beta2",
-            "0.95",
-            "--adam-eps",
-            "1e-6",
-            "--weight-decay",
-            "0.1",
-            "--max-grad-norm",
-            "1",
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "3",
-            "--schedule",
-            "constant",
-            "--metrics",
-            "m.jsonl",
-            "-q",
-        ],
-    ));
+    let mut args = vec![
+        data.to_str().unwrap(),
+        "-o",
+        "out",
+        "--metrics",
+        "m.jsonl",
+        "-q",
+    ];
+    args.extend(ADAMW_REFERENCE_FLAGS);
+    ok(train(d.path(), &args));
     let got = weights(&d.path().join("out/model.safetensors"));
     let want = weights(&root().join("fixtures/train/adamw_reference.safetensors"));
     assert_eq!(got.len(), want.len());

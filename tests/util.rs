@@ -35,6 +35,29 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
+/// cf-train flags for the settings of scripts/make_train_reference.py (two AdamW steps on
+/// fixtures/train/tiny.jsonl as one batch), whose result is fixtures/train/adamw_reference.*.
+pub const ADAMW_REFERENCE_FLAGS: [&str; 18] = [
+    "--lr",
+    "1e-3",
+    "--adam-beta1",
+    "0.9",
+    "--adam-beta2",
+    "0.95",
+    "--adam-eps",
+    "1e-6",
+    "--weight-decay",
+    "0.1",
+    "--max-grad-norm",
+    "1",
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "3",
+    "--schedule",
+    "constant",
+];
+
 /// Path of one of the cf binaries built for this test run.
 pub fn bin(name: &str) -> PathBuf {
     let mut p = PathBuf::from(env!("CARGO_BIN_EXE_cf-sample"));
