@@ -165,7 +165,7 @@ fn presets_build_lm_eval_prompts() {
     );
     write(
         "hs.jsonl",
-        json!({"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he [header] then", "endings": ["cries [title] a lot", "sings"], "label": "0"}),
+        json!({"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he [header] then", "endings": ["cries [title] a lot", "sings a [b] c [unclosed d"], "label": "0"}),
     );
     write(
         "copa.jsonl",
@@ -214,14 +214,17 @@ fn presets_build_lm_eval_prompts() {
         req("hellaswag"),
         json!([
             ["Cooking: A man cuts onions. He then", " cries. a lot"],
-            ["Cooking: A man cuts onions. He then", " sings"]
+            [
+                "Cooking: A man cuts onions. He then",
+                " sings a c [unclosed d"
+            ]
         ])
     );
     assert_eq!(
         req("copa"),
         json!([
-            ["The man fell because", " he slipped."],
-            ["The man fell because", " he sang."]
+            ["The man fell because", "  he slipped."],
+            ["The man fell because", "  he sang."]
         ])
     );
     assert_eq!(
@@ -479,6 +482,6 @@ fn copa_premises_ending_in_multibyte_characters() {
     let (_, s) = eval(d.path(), "llama", &["--task", "copa:c.jsonl"]);
     assert_eq!(
         s[0]["requests"][0],
-        json!(["L'homme est tombé because", " il a glissé."])
+        json!(["L'homme est tombé because", "  il a glissé."])
     );
 }

@@ -87,19 +87,22 @@ fn int(v: Option<&Value>, what: &str) -> Result<usize> {
     .ok_or_else(|| anyhow!("field \"{what}\" is missing or not an index"))
 }
 
-/// lm-eval's hellaswag `preprocess`.
+/// lm-eval's hellaswag `preprocess`: strip, " [title]" → ". ", remove every `[...]` (the
+/// non-greedy `\[.*?\]`: an unmatched `[` stays), then "  " → " ".
 fn hellaswag_clean(t: &str) -> String {
     let t = t.trim().replace(" [title]", ". ");
     let mut out = String::new();
-    let mut depth = 0;
-    for c in t.chars() {
-        match c {
-            '[' => depth += 1,
-            ']' if depth > 0 => depth -= 1,
-            _ if depth == 0 => out.push(c),
-            _ => {}
+    let mut rest = t.as_str();
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(']') {
+            Some(close) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[open + close + 1..];
+            }
+            None => break,
         }
     }
+    out.push_str(rest);
     out.replace("  ", " ")
 }
 
@@ -201,10 +204,12 @@ fn preset_doc(preset: &str, r: &Record) -> Result<Task1> {
             let mut premise = s(r, "premise")?.trim().chars();
             premise.next_back();
             let premise = premise.as_str();
+            // lm-eval's convert_choice, with the leading space its doc_to_choice adds: with the
+            // default " " delimiter the continuation starts with two spaces, as lm-eval scores it.
             let lower = |c: &str| -> String {
                 let mut it = c.chars();
                 it.next()
-                    .map(|f| f.to_lowercase().collect::<String>() + it.as_str())
+                    .map(|f| format!(" {}{}", f.to_lowercase(), it.as_str()))
                     .unwrap_or_default()
             };
             Task1::Mc(mc(
