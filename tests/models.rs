@@ -213,3 +213,80 @@ fn a_diverged_model_is_an_error_not_a_sample() {
         "{r}"
     );
 }
+
+#[test]
+fn f16_weights_load_and_score_close_to_the_f32_model() {
+    // The llama fixture stored in float16: loading converts exactly (f16 → f32 is lossless), and
+    // the rounding of the weights to f16 (11-bit mantissa, relative 2^-11 ≈ 5e-4) moves the
+    // log-probabilities by well under 0.02 nats.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    copy_dir(&fixture("llama"), &d);
+    let t = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let half: std::collections::HashMap<String, candle_core::Tensor> = t
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    cf_common::model::save::save_safetensors(&half, &d.join("model.safetensors")).unwrap();
+    let w =
+        cf_common::model::Weights::open(&[d.join("model.safetensors")], DType::F32, &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        w.stored_dtype("model.embed_tokens.weight"),
+        Some(DType::F16)
+    );
+    use cf_common::model::Source;
+    let got = w.get("model.embed_tokens.weight", &[336, 64]).unwrap();
+    let want = half["model.embed_tokens.weight"]
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert_eq!(
+        (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let m = Model::load(d.to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+    let r = reference("llama");
+    let seq = ids(&r["sequences"][2]);
+    let lp = m
+        .decoder
+        .sequence_logprobs(
+            &candle_core::Tensor::new(seq.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    let lp: Vec<f64> = lp
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = max_abs_diff(&lp, &floats(&r["logprobs"][2]));
+    assert!(d < 0.02, "f16 weights: max |Δ logprob| {d}");
+}
+
+#[test]
+fn the_chat_template_may_live_in_chat_template_jinja() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    copy_dir(&fixture("qwen2"), &d);
+    let tc_path = d.join("tokenizer_config.json");
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc_path).unwrap()).unwrap();
+    let template = tc.as_object_mut().unwrap().remove("chat_template").unwrap();
+    std::fs::write(&tc_path, tc.to_string()).unwrap();
+    let m = Model::load(d.to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+    assert!(m.tok.chat_template.is_none());
+    std::fs::write(d.join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
+    let m = Model::load(d.to_str().unwrap(), DType::F32, &Device::Cpu, Mode::Infer).unwrap();
+    assert_eq!(m.tok.chat_template.as_deref(), template.as_str());
+}
