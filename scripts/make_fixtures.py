@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Make the tiny test models and their float64 reference numbers with transformers.
 
-    python3 scripts/make_fixtures.py          # writes fixtures/models/<name>/
+    python3 scripts/make_fixtures.py                    # writes fixtures/models/<name>/
+    python3 scripts/make_fixtures.py --references-only  # recomputes reference.json only
 
-Needs torch, transformers (4.48) and tokenizers. The outputs are committed, so the Rust tests
+Needs the releases pinned in scripts/requirements.txt (the models were made with transformers
+4.48; their references were recomputed with the pinned transformers 5 by --references-only,
+which also writes fixtures/config-v5/). The outputs are committed, so the Rust tests
 never need Python. Each model is a random-weight model of one family, with norm weights and
 biases random too (so a parameter the Rust decoder skipped would show), saved by
 `save_pretrained` as safetensors, with a real byte-level BPE tokenizer.json trained here on a
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import sys
 
 import torch
@@ -238,8 +242,39 @@ def reference(model, tok, fam, vocab_len, seed):
     }
 
 
+def references_only():
+    """Recompute every fixture's reference.json with the installed transformers, on the stored
+    weights and sequences (the models themselves are not remade), and write the config.json that
+    this transformers' save_pretrained writes for each to fixtures/config-v5/<family>.json
+    (transformers 5: `rope_parameters` and `dtype`, where transformers 4 wrote `rope_theta`,
+    `rope_scaling` and `torch_dtype`)."""
+    v5 = os.path.join(os.path.dirname(ROOT), "config-v5")
+    os.makedirs(v5, exist_ok=True)
+    for name in list(FAMILIES) + ["llama-bf16"]:
+        out = os.path.join(ROOT, name)
+        with open(os.path.join(out, "reference.json")) as f:
+            old = json.load(f)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, attn_implementation="sdpa")
+        ref = dict(old)
+        ref["transformers_version"] = transformers.__version__
+        ref["torch_version"] = torch.__version__
+        ref["logprobs"] = [logprobs64(model, s) for s in old["sequences"]]
+        greedy, margin = greedy64(model, old["greedy"]["prefix"], len(old["greedy"]["tokens"]))
+        ref["greedy"] = {"prefix": old["greedy"]["prefix"], "tokens": greedy, "min_margin": margin}
+        drift = max(abs(a - b) for x, y in zip(old["logprobs"], ref["logprobs"]) for a, b in zip(x, y))
+        with open(os.path.join(out, "reference.json"), "w") as f:
+            json.dump(ref, f, indent=1)
+        with tempfile.TemporaryDirectory() as d:
+            transformers.AutoConfig.from_pretrained(out).save_pretrained(d)
+            shutil.copy(os.path.join(d, "config.json"), os.path.join(v5, f"{name}.json"))
+        print(f"{name}: max |Δ logprob| against the previous reference {drift:.2e}, "
+              f"greedy {'same' if greedy == old['greedy']['tokens'] else 'DIFFERENT'}", file=sys.stderr)
+
+
 def main():
     patch_float64()
+    if "--references-only" in sys.argv:
+        return references_only()
     tok = make_tokenizer()
     vocab_len = tok.get_vocab_size()
     assert vocab_len <= BASE["vocab_size"], vocab_len

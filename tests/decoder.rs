@@ -398,3 +398,54 @@ fn gradients_match_finite_differences_in_f64() {
         }
     }
 }
+
+/// The fixture with its config.json replaced by the one transformers 5.24's save_pretrained
+/// writes (`rope_parameters`, `dtype`; no `rope_theta`, `rope_scaling` or `torch_dtype`).
+fn with_v5_config(fam: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let d = dir.join(fam);
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(fixture(fam)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        root().join(format!("fixtures/config-v5/{fam}.json")),
+        d.join("config.json"),
+    )
+    .unwrap();
+    d
+}
+
+#[test]
+fn configs_written_by_transformers_5_score_as_transformers_does() {
+    // Every family, in f64, against the float64 reference: a wrong rotary base or scaling
+    // (e.g. theta 10000 for llama3's 500000) moves log-probs by far more than 1e-9.
+    let tmp = tempfile::tempdir().unwrap();
+    for fam in FAMILIES.iter().chain(["llama-bf16"].iter()) {
+        let v5: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join(format!("fixtures/config-v5/{fam}.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            v5.get("rope_theta").is_none() && v5.get("rope_parameters").is_some(),
+            "{fam}: the stored config is not transformers 5's layout"
+        );
+        let dir = with_v5_config(fam, tmp.path());
+        let m = Model::load(dir.to_str().unwrap(), DType::F64, &Device::Cpu, Mode::Infer).unwrap();
+        let v4 = load(fam, DType::F64, Mode::Infer);
+        assert_eq!(m.cfg.rope_theta, v4.cfg.rope_theta, "{fam}");
+        assert_eq!(m.cfg.rope_scaling, v4.cfg.rope_scaling, "{fam}");
+        assert_eq!(m.cfg.torch_dtype, v4.cfg.torch_dtype, "{fam}");
+        let r = reference(fam);
+        for (seq, want) in r["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(r["logprobs"].as_array().unwrap())
+        {
+            let d = max_abs_diff(&logprobs(&m.decoder, &ids(seq)), &floats(want));
+            assert!(d < 1e-9, "{fam} (transformers 5 config): max |Δ| = {d:e}");
+        }
+    }
+}

@@ -665,3 +665,223 @@ fn bf16_compute_trains_full_and_lora() {
     let w = weights(&d.path().join("full/model.safetensors"));
     assert!(w.values().all(|t| t.dtype() == DType::F32));
 }
+
+fn config_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn saved_model_keeps_the_base_dtype_and_says_so() {
+    // A bf16 base fine-tuned by cf: the final model is stored in bf16 (as save_pretrained keeps
+    // a model's dtype) with `dtype` and `torch_dtype` both "bfloat16"; checkpoints hold the f32
+    // master weights and say float32; --save-dtype f32 keeps f32 and says so.
+    let d = tempfile::tempdir().unwrap();
+    text_data(d.path(), 4);
+    let m = fixture("llama-bf16");
+    let base = |extra: &[&str], out: &str| {
+        let mut a = vec![
+            "--model",
+            m.to_str().unwrap(),
+            "d.jsonl",
+            "-o",
+            out,
+            "--max-steps",
+            "2",
+            "--save-every",
+            "1",
+            "--lr",
+            "1e-2",
+            "-q",
+        ];
+        a.extend_from_slice(extra);
+        ok(run("cf-train", &a, d.path(), None));
+        d.path().join(out)
+    };
+    let auto = base(&[], "auto");
+    let c = config_json(&auto);
+    assert_eq!(
+        (c["dtype"].as_str(), c["torch_dtype"].as_str()),
+        (Some("bfloat16"), Some("bfloat16"))
+    );
+    let w = weights(&auto.join("model.safetensors"));
+    assert!(w.values().all(|t| t.dtype() == DType::BF16));
+    let ck = auto.join("checkpoint-1");
+    let c = config_json(&ck);
+    assert_eq!(
+        (c["dtype"].as_str(), c["torch_dtype"].as_str()),
+        (Some("float32"), Some("float32"))
+    );
+    assert!(weights(&ck.join("model.safetensors"))
+        .values()
+        .all(|t| t.dtype() == DType::F32));
+    let f32_out = base(&["--save-dtype", "f32"], "f32");
+    let c = config_json(&f32_out);
+    assert_eq!(
+        (c["dtype"].as_str(), c["torch_dtype"].as_str()),
+        (Some("float32"), Some("float32"))
+    );
+    let wf = weights(&f32_out.join("model.safetensors"));
+    // The bf16 file is the f32 result rounded, tensor by tensor.
+    for (k, t) in &wf {
+        assert_eq!(t.dtype(), DType::F32);
+        let rounded = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(
+            max_diff(&rounded, &w[k].to_dtype(DType::F32).unwrap()),
+            0.0,
+            "{k}"
+        );
+    }
+}
+
+/// Records of two sources, a and b, in one micro-batch.
+fn two_sources(dir: &Path) {
+    let lines: String = (0..6)
+        .map(|i| {
+            let src = if i % 2 == 0 { "a" } else { "b" };
+            json!({"text": format!("Fact {i}: the {src} robot likes {} apples.", i * 3), "source": src})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("ab.jsonl"), &lines).unwrap();
+    let only_a: String = lines.lines().step_by(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("a.jsonl"), only_a).unwrap();
+}
+
+#[test]
+fn loss_weight_scales_its_source_exactly() {
+    // The paper's mechanism: a source's weight λ multiplies its tokens' loss and gradient, the
+    // denominator (all trained tokens) unchanged. loss(λ) = (S_a + λ·S_b)/N is linear in λ, and
+    // with λ = 0 the gradient is a's alone: ‖g(0)‖·N = ‖g_a-only‖·N_a.
+    let d = tempfile::tempdir().unwrap();
+    two_sources(d.path());
+    let step = |data: &str, w: Option<&str>, out: &str| -> Value {
+        let mut a = vec![
+            data,
+            "-o",
+            out,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "6",
+            "--max-grad-norm",
+            "0",
+            "--metrics",
+            "m.jsonl",
+            "-q",
+        ];
+        let flag;
+        if let Some(w) = w {
+            flag = format!("b={w}");
+            a.extend(["--weight", flag.as_str()]);
+        }
+        ok(train(d.path(), &a));
+        let m = metrics(&d.path().join("m.jsonl"));
+        m.last().unwrap().clone()
+    };
+    let (m1, mh, m0) = (
+        step("ab.jsonl", Some("1"), "w1"),
+        step("ab.jsonl", Some("0.5"), "wh"),
+        step("ab.jsonl", Some("0"), "w0"),
+    );
+    let l = |m: &Value| m["loss"].as_f64().unwrap();
+    assert!(
+        l(&m1) - l(&m0) > 0.5,
+        "b's share of the loss is not small: {m1} {m0}"
+    );
+    let lin = ((l(&m1) - l(&mh)) - (l(&mh) - l(&m0))).abs();
+    assert!(
+        lin < 1e-5 * l(&m1),
+        "loss is not linear in the weight: {m1} {mh} {m0}"
+    );
+    // The per-source losses (unweighted means) are the same model's, whatever the weight.
+    assert_eq!(m1["loss_by_source"], m0["loss_by_source"]);
+    let n = |m: &Value| m["trained_tokens"].as_f64().unwrap();
+    let ma = step("a.jsonl", None, "a");
+    let g = |m: &Value| m["grad_norm"].as_f64().unwrap();
+    let (lhs, rhs) = (g(&m0) * n(&m0), g(&ma) * n(&ma));
+    assert!(
+        (lhs - rhs).abs() < 1e-4 * rhs,
+        "weight 0 still moves the gradient: {lhs} vs {rhs}"
+    );
+    assert!((l(&m0) * n(&m0) - l(&ma) * n(&ma)).abs() < 1e-4 * l(&ma) * n(&ma));
+}
+
+#[test]
+fn weights_are_parsed_one_way_in_cf_mix_and_cf_train() {
+    let d = tempfile::tempdir().unwrap();
+    two_sources(d.path());
+    for (w, msg) in [
+        ("b=nan", "--weight b=nan: must be a finite number >= 0"),
+        ("b=-1", "--weight b=-1: must be a finite number >= 0"),
+        ("b=inf", "--weight b=inf: must be a finite number >= 0"),
+        ("b=x", "--weight b=x: not a number"),
+        ("c=1", "--weight c: no"),
+    ] {
+        let r = train(d.path(), &["ab.jsonl", "-o", "o", "--weight", w]);
+        assert_eq!(r.code, 2, "{r}");
+        assert!(
+            r.stderr.contains(msg) && r.stderr.lines().count() == 1,
+            "{w}: {r}"
+        );
+        let r = run(
+            "cf-mix",
+            &["b:ab.jsonl", "--weight", w, "-q"],
+            d.path(),
+            None,
+        );
+        assert_eq!(r.code, 2, "{r}");
+        assert!(
+            r.stderr.contains(msg) && r.stderr.lines().count() == 1,
+            "{w}: {r}"
+        );
+        assert!(r.stdout.is_empty());
+    }
+}
+
+#[test]
+fn config_file_is_a_layer_under_the_command_line() {
+    // The command line wins for every flag, lists are not merged, and a negative number in the
+    // file is a value (checked like the flag's), not a flag.
+    let d = tempfile::tempdir().unwrap();
+    two_sources(d.path());
+    let show = |toml: &str, extra: &[&str]| -> Run {
+        std::fs::write(d.path().join("c.toml"), toml).unwrap();
+        let mut a = vec![
+            "ab.jsonl",
+            "-o",
+            "o",
+            "--config",
+            "c.toml",
+            "--inspect",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        train(d.path(), &a)
+    };
+    let r = ok(show("weight = [\"b=0\"]\n", &[]));
+    assert!(r.stdout.contains("source b, weight 0,"), "{r}");
+    let r = ok(show("weight = [\"b=0\"]\n", &["--weight", "b=1"]));
+    assert!(r.stdout.contains("source b, weight 1,"), "{r}");
+    assert!(!r.stdout.contains("weight 0,"), "{r}");
+    let r = show("adam_beta1 = -0.5\n", &[]);
+    assert_eq!(r.code, 2, "{r}");
+    assert!(r.stderr.contains("--adam-beta1 must be in [0, 1)"), "{r}");
+    let r = ok(show("adam_beta1 = -0.5\n", &["--adam-beta1", "0.8"]));
+    assert!(r.stdout.contains("example 0"), "{r}");
+    let r = show("lr = \"fast\"\n", &[]);
+    assert_eq!(r.code, 2, "{r}");
+    assert!(
+        r.stderr.contains("c.toml") && r.stderr.contains("fast"),
+        "{r}"
+    );
+    let r = show("merge = 1\n", &[]);
+    assert!(
+        r.stderr.contains("c.toml: merge: expected true or false"),
+        "{r}"
+    );
+}

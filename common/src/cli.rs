@@ -80,6 +80,27 @@ pub fn name_values(items: &[String], flag: &str, usage: &str) -> Result<Vec<(Str
         .collect()
 }
 
+/// `--weight NAME=λ` values of cf-mix and cf-train, parsed one way: λ is a finite number >= 0
+/// (`nan`, `inf` and negative weights are errors), each name at most once. Whether a name is a
+/// known source is for the caller to check.
+pub fn loss_weights(items: &[String]) -> Result<Vec<(String, f64)>> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for (k, v) in name_values(items, "--weight", "expected SOURCE=λ")? {
+        let w: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--weight {k}={v}: not a number"))?;
+        if !(w.is_finite() && w >= 0.0) {
+            bail!("--weight {k}={v}: must be a finite number >= 0");
+        }
+        if out.iter().any(|(o, _)| *o == k) {
+            bail!("--weight {k}: given twice");
+        }
+        out.push((k, w));
+    }
+    Ok(out)
+}
+
 /// `-q` / `-v`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct LogArgs {

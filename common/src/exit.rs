@@ -43,6 +43,33 @@ pub fn one_line(err: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// A clap error as one line: its message without clap's `error: ` prefix, usage block or tips.
+pub fn clap_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    first.trim().trim_start_matches("error: ").to_string()
+}
+
+/// Parse the command line. `--help` and `--version` print and exit 0; a bad command line is
+/// an error like any other (one line, exit 2), not clap's usage block.
+pub fn parse<T: clap::Parser>() -> anyhow::Result<T> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] over given arguments (the first is the program name).
+pub fn parse_from<T: clap::Parser, I, S>(argv: I) -> anyhow::Result<T>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    T::try_parse_from(argv).map_err(|e| match e.kind() {
+        clap::error::ErrorKind::DisplayHelp
+        | clap::error::ErrorKind::DisplayVersion
+        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        _ => anyhow::anyhow!("{}", clap_line(&e)),
+    })
+}
+
 /// Run a tool's body and turn its result into the process exit code.
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     match body() {

@@ -28,7 +28,12 @@ use std::process::ExitCode;
 ///   cf-eval --model R1 --task gsm8k:test.parquet --chat --sampling r1 -n 8 --max-tokens 4096
 ///   cf-eval --model M --task mc.jsonl --log-samples s.jsonl | jq .results
 #[derive(Parser, Debug)]
-#[command(name = "cf-eval", version, verbatim_doc_comment)]
+#[command(
+    name = "cf-eval",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -118,5 +123,7 @@ pub struct Args {
 }
 
 fn main() -> ExitCode {
-    cf_common::exit::run_main("cf-eval", || -> Result<()> { run::run(&Args::parse()) })
+    cf_common::exit::run_main("cf-eval", || -> Result<()> {
+        run::run(&cf_common::exit::parse::<Args>()?)
+    })
 }

@@ -28,7 +28,12 @@ use std::process::ExitCode;
 ///   cf-kl --base M0 --model ft/ cfs.parquet --per-record terms.parquet
 ///   duckdb -c "select finish_reason, avg(kl_token) from 'terms.parquet' group by 1"
 #[derive(Parser, Debug)]
-#[command(name = "cf-kl", version, verbatim_doc_comment)]
+#[command(
+    name = "cf-kl",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 struct Args {
     /// The fine-tuned model pθ.
     #[command(flatten)]
@@ -64,7 +69,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    cf_common::exit::run_main("cf-kl", || run(Args::parse()))
+    cf_common::exit::run_main("cf-kl", || run(cf_common::exit::parse::<Args>()?))
 }
 
 fn run(args: Args) -> Result<()> {

@@ -3,7 +3,7 @@
 mod plan;
 mod source;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use cf_common::cli::{name_values, LogArgs};
 use cf_common::record::{write_atomic, Output, SchemaInfer, Writer};
 use clap::{Parser, ValueEnum};
@@ -34,7 +34,12 @@ use std::process::ExitCode;
 ///   cf-mix task:sft.jsonl=0.9 cf:cfs.parquet=0.1 --by tokens --tokenizer model/ --total 2000000 -o mix.parquet
 ///   cf-sample --model M -n 1000 | cf-mix sft.jsonl=1 -=1 --cap --report mix.json | jq -r .source | sort | uniq -c
 #[derive(Parser, Debug)]
-#[command(name = "cf-mix", version, verbatim_doc_comment)]
+#[command(
+    name = "cf-mix",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 struct Args {
     /// Sources: [LABEL:]PATH[=RATIO].
     #[arg(required = true, value_name = "SOURCE")]
@@ -91,7 +96,7 @@ enum By {
 }
 
 fn main() -> ExitCode {
-    cf_common::exit::run_main("cf-mix", || run(Args::parse()))
+    cf_common::exit::run_main("cf-mix", || run(cf_common::exit::parse::<Args>()?))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -111,18 +116,12 @@ fn run(args: Args) -> Result<()> {
     if specs.iter().filter(|s| s.path == "-").count() > 1 {
         bail!("stdin (-) can be only one source");
     }
-    let weights = name_values(&args.weight, "--weight", "expected NAME=VALUE")?
-        .into_iter()
-        .map(|(l, w)| {
-            let w: f64 = w
-                .parse()
-                .map_err(|_| anyhow!("--weight {l}={w}: not a number"))?;
-            if !specs.iter().any(|s| s.label == l) {
-                bail!("--weight {l}: no source is labelled {l:?}");
-            }
-            Ok((l, w))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let weights = cf_common::cli::loss_weights(&args.weight)?;
+    for (l, _) in &weights {
+        if !specs.iter().any(|s| s.label == *l) {
+            bail!("--weight {l}: no source is labelled {l:?}");
+        }
+    }
     let maps = name_values(&args.map, "--map", "expected NAME=VALUE")?;
     if let Some(t) = args.total {
         if !(t > 0.0 && t.is_finite()) {

@@ -24,7 +24,12 @@ use std::process::ExitCode;
 ///   cf-sample --model M --prompts tasks.jsonl -n 4 -o contextual.jsonl
 ///   cf-sample --model M -n 500 | duckdb -c "select finish_reason, count(*) from read_json_auto('/dev/stdin') group by 1"
 #[derive(Parser, Debug)]
-#[command(name = "cf-sample", version, verbatim_doc_comment)]
+#[command(
+    name = "cf-sample",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 struct Args {
     #[command(flatten)]
     model: ModelArgs,
@@ -97,7 +102,7 @@ struct Args {
 
 fn main() -> ExitCode {
     cf_common::exit::run_main("cf-sample", || {
-        let args = Args::parse();
+        let args = cf_common::exit::parse::<Args>()?;
         run(args)
     })
 }

@@ -7,7 +7,8 @@ mod trainer;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cf_common::cli::{LogArgs, ModelArgs};
-use clap::{CommandFactory, Parser};
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, Parser};
 use std::process::ExitCode;
 
 /// Fine-tune a model (full or LoRA) on a mix from cf-mix, so that context-free samples in the
@@ -34,7 +35,8 @@ use std::process::ExitCode;
     name = "cf-train",
     version,
     verbatim_doc_comment,
-    args_override_self = true
+    args_override_self = true,
+    allow_negative_numbers = true
 )]
 pub struct Args {
     #[command(flatten)]
@@ -137,6 +139,12 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     pub lora_targets: Vec<String>,
 
+    /// dtype of the saved model (and merged/): auto keeps the base model's stored dtype, as
+    /// transformers' save_pretrained does; or f32, bf16, f16. Checkpoints always keep the f32
+    /// master weights. config.json's `dtype` and `torch_dtype` say what is saved.
+    #[arg(long, value_name = "DTYPE", value_parser = ["auto", "f32", "bf16", "f16"])]
+    pub save_dtype: Option<String>,
+
     /// With LoRA: also write the merged full model to OUTPUT/merged/.
     #[arg(long)]
     pub merge: bool,
@@ -173,69 +181,67 @@ pub struct Args {
     pub log: LogArgs,
 }
 
-/// The command line with the --config file's values placed before it, as flags.
-fn argv_with_config() -> Result<Vec<String>> {
-    let argv: Vec<String> = std::env::args().collect();
-    let mut path = None;
-    for (i, a) in argv.iter().enumerate() {
-        if a == "--config" {
-            path = argv.get(i + 1).cloned();
-        } else if let Some(p) = a.strip_prefix("--config=") {
-            path = Some(p.to_string());
-        }
-    }
-    let Some(path) = path else { return Ok(argv) };
+/// The settings: the command line, then the --config file for every flag the command line
+/// did not set (uv's layering: one precedence rule, no merging of lists). A file value is
+/// checked against the kind of flag it names (switch, one value, or a list) and passed to
+/// clap as `--flag=value`, so clap's own parser types it and a negative number stays a value.
+fn settings() -> Result<Args> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli: Args = cf_common::exit::parse_from(&argv)?;
+    let Some(path) = cli.config.clone() else {
+        return Ok(cli);
+    };
+    let matches = Args::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| anyhow!("{}", cf_common::exit::clap_line(&e)))?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("{path}: cannot read"))?;
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| anyhow!("{path}: {}", e.message()))?;
+        .map_err(|e: toml::de::Error| anyhow!("{path}: {}", e.message().trim()))?;
     let cmd = Args::command();
-    let mut extra = Vec::new();
-    for (key, value) in table {
+    let mut merged: Vec<std::ffi::OsString> = vec![argv[0].clone()];
+    for (key, value) in &table {
         let flag = key.replace('_', "-");
-        let known = cmd
+        let arg = cmd
             .get_arguments()
-            .any(|a| a.get_long() == Some(flag.as_str()));
-        if !known || flag == "config" {
-            bail!("{path}: unknown key {key:?} (keys are cf-train's flag names)");
+            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+            .ok_or_else(|| {
+                anyhow!("{path}: unknown key {key:?} (keys are cf-train's flag names)")
+            })?;
+        if matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
+            continue;
         }
         let scalar = |v: &toml::Value| -> Result<String> {
             match v {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),
                 toml::Value::Float(f) => Ok(f.to_string()),
-                toml::Value::Boolean(b) => Ok(b.to_string()),
-                _ => bail!("{path}: {key}: expected a string, number or boolean"),
+                _ => bail!("{path}: {key}: expected a string or a number"),
             }
         };
-        match &value {
-            toml::Value::Boolean(true) => extra.push(format!("--{flag}")),
-            toml::Value::Boolean(false) => {}
-            toml::Value::Array(items) => {
-                for it in items {
-                    extra.push(format!("--{flag}"));
-                    extra.push(scalar(it)?);
+        match (arg.get_action(), value) {
+            (ArgAction::SetTrue, toml::Value::Boolean(b)) => {
+                if *b {
+                    merged.push(format!("--{flag}").into());
                 }
             }
-            v => {
-                extra.push(format!("--{flag}"));
-                extra.push(scalar(v)?);
+            (ArgAction::SetTrue, _) => bail!("{path}: {key}: expected true or false"),
+            (ArgAction::Append, toml::Value::Array(items)) => {
+                for it in items {
+                    merged.push(format!("--{flag}={}", scalar(it)?).into());
+                }
             }
+            (_, toml::Value::Array(_)) => bail!("{path}: {key}: expected one value, not a list"),
+            (_, v) => merged.push(format!("--{flag}={}", scalar(v)?).into()),
         }
     }
-    let mut out = vec![argv[0].clone()];
-    out.extend(extra);
-    out.extend(argv.into_iter().skip(1));
-    Ok(out)
+    merged.extend(argv.into_iter().skip(1));
+    cf_common::exit::parse_from(merged).map_err(|e| anyhow!("{path}: {e}"))
 }
 
 fn main() -> ExitCode {
     cf_common::exit::run_main("cf-train", || {
-        let argv = match argv_with_config() {
-            Ok(a) => a,
-            Err(e) => return Err(e),
-        };
-        let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+        let args = settings()?;
         trainer::run(&args)
     })
 }

@@ -3,7 +3,7 @@
 //! name and renamed whole, so a reader never sees half of one.
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use cf_common::model::save::save_safetensors;
 use cf_common::model::ModelFiles;
 use cf_common::record::write_atomic;
@@ -33,17 +33,47 @@ pub fn copy_side_files(src: &ModelFiles, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A full model folder: config.json (dtype set to what is saved), model.safetensors, side files.
-pub fn model_folder(src: &ModelFiles, tensors: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+/// The dtype a model's weights are stored in (that of its token embedding), as
+/// `save_pretrained` would keep it.
+pub fn stored_dtype(src: &ModelFiles) -> Result<DType> {
+    let w = cf_common::model::Weights::open(&src.weights, DType::F32, &Device::Cpu)?;
+    Ok(w.stored_dtype("model.embed_tokens.weight")
+        .filter(|d| matches!(d, DType::F32 | DType::BF16 | DType::F16 | DType::F64))
+        .unwrap_or(DType::F32))
+}
+
+/// transformers' name of a dtype (`config.json`'s `dtype` / `torch_dtype`).
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// A full model folder: model.safetensors in `dtype`, config.json saying so under both keys
+/// (`dtype`, read by transformers 5, and `torch_dtype`, read by transformers 4), side files.
+pub fn model_folder(
+    src: &ModelFiles,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+    dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let text = std::fs::read_to_string(&src.config)
         .with_context(|| format!("{}: cannot read", src.config.display()))?;
     let mut cfg: Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid JSON", src.config.display()))?;
     if let Some(m) = cfg.as_object_mut() {
-        m.insert("torch_dtype".into(), json!("float32"));
+        m.insert("torch_dtype".into(), json!(dtype_name(dtype)));
+        m.insert("dtype".into(), json!(dtype_name(dtype)));
     }
-    save_safetensors(tensors, &dir.join("model.safetensors"))?;
+    let cast = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    save_safetensors(&cast, &dir.join("model.safetensors"))?;
     write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),

@@ -31,21 +31,6 @@ const ALL_TARGETS: [&str; 7] = [
 /// The ChaCha stream of LoRA's initialisation and dropout (data order uses streams 0, 1, … per epoch).
 const LORA_STREAM: u64 = 1 << 40;
 
-fn weights(items: &[String]) -> Result<Vec<(String, f64)>> {
-    cf_common::cli::name_values(items, "--weight", "expected SOURCE=λ")?
-        .into_iter()
-        .map(|(k, v)| {
-            let w: f64 = v
-                .parse()
-                .map_err(|_| anyhow!("--weight {k}={v}: not a number"))?;
-            if !(w >= 0.0 && w.is_finite()) {
-                bail!("--weight {k}={v}: must be >= 0");
-            }
-            Ok((k, w))
-        })
-        .collect()
-}
-
 fn validate(args: &Args) -> Result<()> {
     let pos = |x: f64, n: &str| {
         if x > 0.0 && x.is_finite() {
@@ -376,7 +361,7 @@ fn fingerprint(examples: &[Example]) -> String {
 
 pub fn run(args: &Args) -> Result<()> {
     validate(args)?;
-    let weights = weights(&args.weight)?;
+    let weights = cf_common::cli::loss_weights(&args.weight)?;
     let out = PathBuf::from(&args.output);
     let (_files, cfg, tok, eos_ids) = Model::describe(&args.model.model)?;
     // Data first: bad records fail before any weight is read.
@@ -414,6 +399,11 @@ pub fn run(args: &Args) -> Result<()> {
     for s in &args.exact_kl {
         if !examples.iter().any(|e| &e.source == s) {
             bail!("--exact-kl {s}: no record has source {s:?}");
+        }
+    }
+    for (s, _) in &weights {
+        if !examples.iter().any(|e| &e.source == s) {
+            bail!("--weight {s}: no record has source {s:?}");
         }
     }
     let truncated = examples.iter().filter(|e| e.truncated).count();
@@ -626,9 +616,11 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn write_weights(args: &Args, t: &Trainable, dir: &Path) -> Result<()> {
+/// Weights as a model folder in `dtype` (checkpoints keep the f32 master weights, so a resumed
+/// run continues exactly), or as a PEFT adapter.
+fn write_weights(args: &Args, t: &Trainable, dtype: DType, dir: &Path) -> Result<()> {
     match &t.lora {
-        None => save::model_folder(&t.model.files, &tensors_of(&t.vars), dir),
+        None => save::model_folder(&t.model.files, &tensors_of(&t.vars), dtype, dir),
         Some(spec) => save::adapter_folder(
             &t.model.files,
             &args.model.model,
@@ -649,7 +641,7 @@ fn checkpoint(
     fp: &str,
 ) -> Result<()> {
     save::atomic_dir(dir, |tmp| {
-        write_weights(args, t, tmp)?;
+        write_weights(args, t, DType::F32, tmp)?;
         cf_common::model::save::save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
         let state = json!({
             "global_step": opt.step,
@@ -669,7 +661,11 @@ fn checkpoint(
 }
 
 fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
-    write_weights(args, t, out)?;
+    let dtype = match args.save_dtype.as_deref() {
+        None | Some("auto") => save::stored_dtype(&t.model.files)?,
+        Some(d) => cf_common::cli::parse_dtype(d)?,
+    };
+    write_weights(args, t, dtype, out)?;
     if let (Some(spec), true) = (&t.lora, args.merge) {
         // W + (α/r)·B·A for every adapted projection; the rest as loaded.
         let files = &t.model.files;
@@ -693,7 +689,7 @@ fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
             merged.insert(name, x);
         }
         let dir = out.join("merged");
-        save::atomic_dir(&dir, |tmp| save::model_folder(files, &merged, tmp))?;
+        save::atomic_dir(&dir, |tmp| save::model_folder(files, &merged, dtype, tmp))?;
     }
     Ok(())
 }

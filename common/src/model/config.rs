@@ -74,7 +74,8 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
-    /// The dtype the weights were saved in (`torch_dtype`), for information.
+    /// The dtype the weights were saved in (`dtype`, transformers 4's `torch_dtype`), e.g.
+    /// "bfloat16".
     pub torch_dtype: Option<String>,
 }
 
@@ -93,6 +94,8 @@ struct Raw {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
+    /// transformers 5: `{rope_type, rope_theta, factor, ...}` in one object.
+    rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -104,6 +107,7 @@ struct Raw {
     pad_token_id: Option<Value>,
     use_sliding_window: Option<bool>,
     torch_dtype: Option<String>,
+    dtype: Option<String>,
 }
 
 /// Token ids in config files may be an integer, a list of integers or null.
@@ -165,7 +169,7 @@ impl Config {
         if head_dim % 2 != 0 {
             bail!("head_dim {head_dim} must be even for rotary embeddings");
         }
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref())?;
+        let (rope_theta, rope_scaling) = rope(&raw)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
@@ -185,7 +189,7 @@ impl Config {
             num_kv_heads: kv_heads,
             head_dim,
             norm_eps,
-            rope_theta: raw.rope_theta.unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -200,7 +204,7 @@ impl Config {
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
-            torch_dtype: raw.torch_dtype,
+            torch_dtype: raw.dtype.or(raw.torch_dtype),
         })
     }
 
@@ -231,7 +235,31 @@ impl Config {
     }
 }
 
-fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
+/// Rotary base and scaling from either layout, as transformers 5 reads them
+/// (`convert_rope_params_to_dict`): `rope_parameters` (transformers 5) when present, its
+/// `rope_theta` falling back to the top-level one; else the legacy `rope_scaling` with the
+/// top-level `rope_theta`. The default base is 10000. An unsupported type is refused under
+/// either key.
+fn rope(raw: &Raw) -> Result<(f64, RopeScaling)> {
+    let (key, params) = match (&raw.rope_parameters, &raw.rope_scaling) {
+        (Some(p @ Value::Object(_)), _) => ("rope_parameters", Some(p)),
+        (Some(Value::Null) | None, s) => ("rope_scaling", s.as_ref()),
+        (Some(_), _) => bail!("rope_parameters must be an object"),
+    };
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .map(|t| {
+            t.as_f64()
+                .filter(|t| *t > 0.0)
+                .ok_or_else(|| anyhow!("{key}.rope_theta must be a positive number"))
+        })
+        .transpose()?
+        .or(raw.rope_theta)
+        .unwrap_or(10000.0);
+    Ok((theta, parse_rope_scaling(key, params)?))
+}
+
+fn parse_rope_scaling(key: &str, v: Option<&Value>) -> Result<RopeScaling> {
     let Some(Value::Object(m)) = v else {
         return Ok(RopeScaling::None);
     };
@@ -243,7 +271,7 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
     let f = |k: &str| -> Result<f64> {
         m.get(k)
             .and_then(Value::as_f64)
-            .ok_or_else(|| anyhow!("rope_scaling.{k} is missing"))
+            .ok_or_else(|| anyhow!("{key}.{k} is missing"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -256,7 +284,7 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
             high_freq_factor: f("high_freq_factor")?,
             original_max_position_embeddings: f("original_max_position_embeddings")?,
         }),
-        other => bail!("rope_scaling type {other:?} is not supported (default, linear, llama3)"),
+        other => bail!("{key}: rope_type {other:?} is not supported (default, linear, llama3)"),
     }
 }
 
@@ -343,5 +371,56 @@ mod tests {
         let scaled = s.inv_freq(128, 500000.0);
         assert_eq!(scaled[0], base[0]);
         assert!((scaled[63] - base[63] / 8.0).abs() < 1e-12 * base[63]);
+    }
+
+    const BASE: &str = r#""model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":4,"num_hidden_layers":1,"num_attention_heads":2"#;
+
+    #[test]
+    fn rope_parameters_of_transformers_5_are_read() {
+        let c = Config::parse(&format!(
+            r#"{{{BASE},"rope_parameters":{{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}},"dtype":"bfloat16"}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+        // Default type, theta only under rope_parameters.
+        let c = Config::parse(&format!(
+            r#"{{{BASE},"rope_parameters":{{"rope_type":"default","rope_theta":500000.0}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (500000.0, RopeScaling::None)
+        );
+        // The legacy layout still works, and the new key wins over a stale legacy one.
+        let c = Config::parse(&format!(
+            r#"{{{BASE},"rope_theta":1000.0,"rope_scaling":{{"type":"linear","factor":2.0}},"torch_dtype":"float32"}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.rope_theta, 1000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let c = Config::parse(&format!(
+            r#"{{{BASE},"rope_theta":1000.0,"rope_parameters":{{"rope_type":"default"}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.rope_theta, 1000.0,
+            "rope_theta falls back to the top level"
+        );
+    }
+
+    #[test]
+    fn unsupported_rope_types_are_refused_under_either_key() {
+        for key in ["rope_parameters", "rope_scaling"] {
+            let e = Config::parse(&format!(
+                r#"{{{BASE},"{key}":{{"rope_type":"yarn","rope_theta":10000.0,"factor":4.0}}}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("yarn"),
+                "{e}"
+            );
+        }
     }
 }
