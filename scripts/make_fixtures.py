@@ -32,7 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, decoders, trainers, processors
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "models")
 
@@ -109,6 +109,9 @@ FAMILIES = {
                  bos_token_id=0, eos_token_id=0, use_sliding_window=False),
     ),
 }
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 BASE = dict(vocab_size=336, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, hidden_act="silu")
@@ -188,6 +191,15 @@ def tokenizer_files(out, tok, fam):
         t.post_processor = processors.TemplateProcessing(
             single=f"{fam['bos']} $A", pair=f"{fam['bos']} $A {fam['bos']} $B", special_tokens=[(fam["bos"], bos_id)]
         )
+    if fam["cls"].startswith("Qwen2"):
+        # transformers 5 rebuilds a qwen2 model's pre-tokenizer as Qwen2Tokenizer's (single
+        # digits, NFC), whatever tokenizer.json says; real Qwen2 tokenizer.json files carry the
+        # same, so the fixture does too and the tokenizers crate agrees with transformers.
+        t.normalizer = normalizers.NFC()
+        t.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     t.save(os.path.join(out, "tokenizer.json"))
     tc = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -111,6 +111,19 @@ impl Tok {
             .to_vec())
     }
 
+    /// Token ids and each token's byte range in `text`.
+    pub fn encode_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let e = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)

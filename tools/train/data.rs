@@ -1,15 +1,32 @@
 //! Training examples from records: token ids and which of them the loss covers.
 //!
 //! - `token_ids` (cf-sample output): conditioned on `prefix_ids`, loss on exactly those ids;
-//! - `messages` (or ShareGPT `conversations`): the chat template, loss on assistant turns only,
-//!   found by rendering the conversation up to each assistant turn (no marker search);
+//! - `messages` (or ShareGPT `conversations`): the chat template, loss on assistant turns only;
 //! - `prompt`/`completion` (text or message lists), Alpaca `instruction`/`input`/`output`:
 //!   loss on the completion only;
 //! - `text`: loss on every token.
 //!
-//! Plain text starts with the document-start token (BOS, else EOS, as cf-sample does) and ends
-//! with EOS, which is always trained. Templates write their own special tokens: nothing is
-//! added to them, and a doubled BOS is removed.
+//! Which tokens carry loss, as TRL 1.16's SFTTrainer decides it:
+//! - prompt/completion: prompt and prompt+completion are tokenised as wholes, and the
+//!   completion starts where the two token lists part (TRL's `common_prefix_length`); when that
+//!   is inside the prompt (a token spans the boundary, or a chat template renders the prompt
+//!   alone differently, like DeepSeek-R1's `<think>\n`), a warning says so;
+//! - a chat template with `{% generation %}` blocks: exactly the tokens those blocks produce
+//!   (TRL's `assistant_only_loss`), and for prompt/completion only those after the prompt;
+//! - a chat template without them (`messages`): each assistant turn from where the
+//!   conversation parts from that turn's generation prompt to where it parts from the
+//!   conversation rendered up to and including that turn. A template that renders a turn
+//!   differently once later turns follow (Qwen3 drops earlier turns' reasoning) leaves no such
+//!   span and is refused with a pointer to `--chat-template` and a template with markers (TRL
+//!   ships them, e.g. `qwen3_training.jinja`); TRL without markers trains every token instead.
+//! - A template that drops an assistant message's reasoning (DeepSeek-R1-Distill's keeps only
+//!   what follows `</think>`) trains only what it renders; a warning counts such messages.
+//!
+//! Plain text is tokenised with the tokenizer's own special tokens when it adds any (Llama-3:
+//! BOS), as TRL does; when it adds none, cf puts the document-start token (BOS, else EOS, as
+//! cf-sample starts its samples) in front so the first token is trained too. EOS is appended
+//! unless the text or completion already ends with it, and is trained. Templates write their
+//! own special tokens: nothing is added to a rendered conversation.
 
 use anyhow::{anyhow, bail, Context, Result};
 use cf_common::record::Record;
@@ -45,6 +62,8 @@ pub struct Builder<'a> {
     pub weights: &'a [(String, f64)],
     /// Sources trained with the exact KL to the original model.
     pub exact_kl: &'a [String],
+    /// Warnings met while building examples, with how often.
+    pub notes: std::cell::RefCell<std::collections::BTreeMap<String, usize>>,
 }
 
 fn sharegpt_to_messages(conv: &Value) -> Result<Value> {
@@ -70,6 +89,11 @@ fn sharegpt_to_messages(conv: &Value) -> Result<Value> {
     Ok(Value::Array(msgs))
 }
 
+/// How many leading tokens two token lists share (TRL's `common_prefix_length`).
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 impl Builder<'_> {
     fn start(&self) -> Result<u32> {
         self.tok
@@ -84,8 +108,35 @@ impl Builder<'_> {
             .ok_or_else(|| anyhow!("the model has no EOS token"))
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tok.encode(text, false)
+    /// Count a warning, printed once with its count after the data is read.
+    fn note(&self, msg: &str) {
+        *self.notes.borrow_mut().entry(msg.to_string()).or_default() += 1;
+    }
+
+    /// Plain text as the tokenizer encodes it with its special tokens; when it adds none, the
+    /// document-start token goes in front.
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let with = self.tok.encode(text, true)?;
+        let without = self.tok.encode(text, false)?;
+        if with != without {
+            return Ok(with);
+        }
+        let mut ids = vec![self.start()?];
+        ids.extend(without);
+        Ok(ids)
+    }
+
+    /// EOS after `ids` unless `text` already ends with the EOS token.
+    fn with_eos(&self, text: &str, mut ids: Vec<u32>) -> Result<Vec<u32>> {
+        let ends = self
+            .tok
+            .eos_token
+            .as_deref()
+            .is_some_and(|e| !e.is_empty() && text.ends_with(e));
+        if !ends {
+            ids.push(self.eos()?);
+        }
+        Ok(ids)
     }
 
     fn template(&self) -> Result<&str> {
@@ -95,8 +146,8 @@ impl Builder<'_> {
             .ok_or_else(|| anyhow!("messages need a chat template, and the model has none"))
     }
 
-    fn render(&self, msgs: &[Value], gen: bool) -> Result<String> {
-        cf_common::chat::render(
+    fn render(&self, msgs: &[Value], gen: bool) -> Result<cf_common::chat::Rendered> {
+        cf_common::chat::render_spans(
             self.template()?,
             &Value::Array(msgs.to_vec()),
             gen,
@@ -105,67 +156,93 @@ impl Builder<'_> {
         )
     }
 
-    /// Pieces of text, each with whether it is trained, tokenised piece by piece.
-    fn pieces(&self, pieces: &[(String, bool)]) -> Result<(Vec<u32>, Vec<bool>)> {
-        let (mut ids, mut target) = (Vec::new(), Vec::new());
-        for (text, trained) in pieces {
-            let t = self.encode(text)?;
-            target.extend(std::iter::repeat_n(*trained, t.len()));
-            ids.extend(t);
-        }
-        Ok((ids, target))
+    /// A rendered conversation's tokens (the template wrote its special tokens).
+    fn chat_ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok.encode(text, false)
     }
 
-    /// A conversation through the chat template; assistant turns are trained.
-    fn messages(&self, msgs: &[Value]) -> Result<(Vec<u32>, Vec<bool>)> {
-        let full = self.render(msgs, false)?;
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for (i, m) in msgs.iter().enumerate() {
+    /// Warn when the template dropped an assistant message's reasoning from the rendering.
+    fn check_reasoning(&self, msgs: &[Value], text: &str) {
+        for m in msgs {
+            let Some(c) = m.get("content").and_then(Value::as_str) else {
+                continue;
+            };
             if m.get("role").and_then(Value::as_str) != Some("assistant") {
                 continue;
             }
-            let before = self.render(&msgs[..i], true)?;
-            let after = self.render(&msgs[..=i], false)?;
-            if !full.starts_with(&before)
-                || !full.starts_with(&after)
-                || before.len() < at
-                || after.len() < before.len()
-            {
-                bail!("the chat template does not render message {i} as a continuation of the ones before it, so its assistant turn cannot be isolated");
+            if let Some((before, _)) = c.split_once("</think>") {
+                let r = before.trim().trim_start_matches("<think>").trim();
+                if !r.is_empty() && !text.contains(r) {
+                    self.note("the chat template drops the reasoning (before </think>) of assistant messages, so it is not trained; to train reasoning traces give a template that keeps it, with {% generation %} blocks (e.g. TRL's deepseek_r1_distill_training.jinja), with --chat-template");
+                }
             }
-            pieces.push((full[at..before.len()].to_string(), false));
-            pieces.push((full[before.len()..after.len()].to_string(), true));
-            at = after.len();
         }
-        if at < full.len() {
-            pieces.push((full[at..].to_string(), false));
-        }
-        if !pieces.iter().any(|p| p.1) {
-            bail!("the conversation has no assistant turn to train on");
-        }
-        let (mut ids, mut target) = self.pieces(&pieces)?;
-        if let Some(b) = self.tok.bos_id {
-            if ids.len() >= 2 && ids[0] == b && ids[1] == b {
-                ids.remove(0);
-                target.remove(0);
+    }
+
+    /// A conversation through the chat template. With `prompt_len = Some(k)`, the first k
+    /// messages are a prompt and the rest its completion (conversational prompt/completion).
+    fn conversation(
+        &self,
+        msgs: &[Value],
+        prompt_len: Option<usize>,
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
+        let full = self.render(msgs, false)?;
+        self.check_reasoning(msgs, &full.text);
+        let markers = cf_common::chat::has_generation_markers(self.template()?);
+        let (ids, offsets) = self.tok.encode_offsets(&full.text, false)?;
+        let mut target = vec![false; ids.len()];
+        if markers {
+            for (t, &(s, e)) in offsets.iter().enumerate() {
+                target[t] = full.generation.iter().any(|&(a, b)| s < b && e > a);
             }
+        }
+        match prompt_len {
+            Some(k) => {
+                let p = self.chat_ids(&self.render(&msgs[..k], true)?.text)?;
+                let start = common_prefix(&p, &ids);
+                if start < p.len() {
+                    self.note("the rendered prompt is not a prefix of the rendered prompt+completion (the template renders the prompt alone differently, or a token spans the boundary): the completion's loss starts where they part, as in TRL");
+                }
+                for (t, x) in target.iter_mut().enumerate() {
+                    *x = t >= start && (*x || !markers);
+                }
+            }
+            None if markers => {}
+            None => {
+                for (i, m) in msgs.iter().enumerate() {
+                    if m.get("role").and_then(Value::as_str) != Some("assistant") {
+                        continue;
+                    }
+                    let before = self.chat_ids(&self.render(&msgs[..i], true)?.text)?;
+                    let after = self.chat_ids(&self.render(&msgs[..=i], false)?.text)?;
+                    let (s, e) = (common_prefix(&before, &ids), common_prefix(&after, &ids));
+                    if e <= s {
+                        bail!("the chat template renders assistant message {i} differently once later messages follow (e.g. it drops earlier turns' reasoning), so its tokens cannot be told apart; give a template with {{% generation %}} blocks (TRL ships them, e.g. qwen3_training.jinja) with --chat-template, or one conversation per record");
+                    }
+                    target[s..e].iter_mut().for_each(|x| *x = true);
+                }
+            }
+        }
+        if !target.iter().any(|&t| t) {
+            bail!("the conversation has no assistant tokens to train on");
         }
         Ok((ids, target))
     }
 
-    /// `[start] prompt completion EOS`, loss on the completion and EOS.
+    /// Text prompt/completion: tokenised together, loss from where the prompt's own tokens
+    /// stop matching (and on EOS).
     fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<(Vec<u32>, Vec<bool>)> {
-        let mut ids = vec![self.start()?];
-        let mut target = vec![false];
-        let p = self.encode(prompt)?;
-        target.extend(std::iter::repeat_n(false, p.len()));
-        ids.extend(p);
-        let c = self.encode(completion)?;
-        target.extend(std::iter::repeat_n(true, c.len() + 1));
-        ids.extend(c);
-        ids.push(self.eos()?);
-        Ok((ids, target))
+        let p = self.encode_plain(prompt)?;
+        let whole = self.with_eos(
+            completion,
+            self.encode_plain(&format!("{prompt}{completion}"))?,
+        )?;
+        let start = common_prefix(&p, &whole);
+        if start < p.len() {
+            self.note("a prompt/completion boundary falls inside a token (e.g. \" caf\" + \"é\"): the loss starts at that token, as in TRL");
+        }
+        let target = (0..whole.len()).map(|i| i >= start).collect();
+        Ok((whole, target))
     }
 
     pub fn build(&self, rec: &Record) -> Result<Example> {
@@ -187,18 +264,19 @@ impl Builder<'_> {
             target.extend(std::iter::repeat_n(true, tokens.len()));
             (prefix.into_iter().chain(tokens).collect(), target)
         } else if let Some(m) = rec.get("messages").filter(|v| !v.is_null()) {
-            self.messages(
+            self.conversation(
                 m.as_array()
                     .ok_or_else(|| anyhow!("\"messages\" is not a list"))?,
+                None,
             )?
         } else if let Some(c) = rec.get("conversations").filter(|v| !v.is_null()) {
-            self.messages(sharegpt_to_messages(c)?.as_array().unwrap())?
+            self.conversation(sharegpt_to_messages(c)?.as_array().unwrap(), None)?
         } else if let (Some(p), Some(c)) = (rec.get("prompt"), rec.get("completion")) {
             match (p, c) {
                 (Value::String(p), Value::String(c)) => self.prompt_completion(p, c)?,
                 (Value::Array(p), Value::Array(c)) => {
                     let all: Vec<Value> = p.iter().chain(c).cloned().collect();
-                    self.messages(&all)?
+                    self.conversation(&all, Some(p.len()))?
                 }
                 _ => bail!(
                     "\"prompt\" and \"completion\" must both be text or both be message lists"
@@ -210,18 +288,18 @@ impl Builder<'_> {
                 None => ins.to_string(),
             };
             if self.tok.chat_template.is_some() {
-                self.messages(&[
-                    json!({"role": "user", "content": prompt}),
-                    json!({"role": "assistant", "content": out}),
-                ])?
+                self.conversation(
+                    &[
+                        json!({"role": "user", "content": prompt}),
+                        json!({"role": "assistant", "content": out}),
+                    ],
+                    None,
+                )?
             } else {
                 self.prompt_completion(&format!("{prompt}\n\n"), out)?
             }
         } else if let Some(text) = str_of("text") {
-            let body = self.encode(text)?;
-            let mut ids = vec![self.start()?];
-            ids.extend(body);
-            ids.push(self.eos()?);
+            let ids = self.with_eos(text, self.encode_plain(text)?)?;
             let mut target = vec![true; ids.len()];
             target[0] = false;
             (ids, target)
@@ -267,9 +345,49 @@ impl Builder<'_> {
     }
 }
 
+/// How `--inspect` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq)]
+pub enum InspectFormat {
+    /// A table per example: position, id, label, token.
+    #[default]
+    Table,
+    /// One JSON record per example: input_ids and labels (-100 where no loss), as TRL's
+    /// prepared dataset holds them, plus source, weight and the trained text.
+    Jsonl,
+}
+
 /// Print examples token by token with their labels (-100 where the loss does not look), as
 /// `--inspect` does.
-pub fn inspect(tok: &Tok, examples: &[Example], out: &mut dyn std::io::Write) -> Result<()> {
+pub fn inspect(
+    tok: &Tok,
+    examples: &[Example],
+    format: InspectFormat,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    if format == InspectFormat::Jsonl {
+        for ex in examples {
+            let labels: Vec<i64> = ex
+                .ids
+                .iter()
+                .zip(&ex.target)
+                .map(|(&id, &t)| if t { id as i64 } else { -100 })
+                .collect();
+            let trained: Vec<u32> = ex
+                .ids
+                .iter()
+                .zip(&ex.target)
+                .filter(|p| *p.1)
+                .map(|p| *p.0)
+                .collect();
+            let line = json!({
+                "source": ex.source, "weight": ex.weight, "exact_kl": ex.exact_kl,
+                "truncated": ex.truncated, "input_ids": ex.ids, "labels": labels,
+                "trained_text": tok.decode(&trained, false)?,
+            });
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
     for (n, ex) in examples.iter().enumerate() {
         writeln!(
             out,

@@ -173,6 +173,15 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub inspect: Option<usize>,
 
+    /// --inspect as a table, or as JSONL records of input_ids and labels (-100: no loss).
+    #[arg(long, value_enum, default_value_t = data::InspectFormat::Table)]
+    pub inspect_format: data::InspectFormat,
+
+    /// Chat template file to use instead of the model's (e.g. one with {% generation %}
+    /// blocks, whose output alone is trained, as TRL's assistant_only_loss).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<String>,
+
     /// Skip (and count) records that cannot be used instead of failing.
     #[arg(long)]
     pub skip_bad: bool,

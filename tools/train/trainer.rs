@@ -363,7 +363,11 @@ pub fn run(args: &Args) -> Result<()> {
     validate(args)?;
     let weights = cf_common::cli::loss_weights(&args.weight)?;
     let out = PathBuf::from(&args.output);
-    let (_files, cfg, tok, eos_ids) = Model::describe(&args.model.model)?;
+    let (_files, cfg, mut tok, eos_ids) = Model::describe(&args.model.model)?;
+    if let Some(p) = &args.chat_template {
+        tok.chat_template =
+            Some(std::fs::read_to_string(p).with_context(|| format!("{p}: cannot read"))?);
+    }
     // Data first: bad records fail before any weight is read.
     let mut reader = record::open(
         args.input.as_deref(),
@@ -378,6 +382,7 @@ pub fn run(args: &Args) -> Result<()> {
         max_length: args.max_length,
         weights: &weights,
         exact_kl: &args.exact_kl,
+        notes: Default::default(),
     };
     let mut examples = Vec::new();
     while let Some(r) = reader.next() {
@@ -390,9 +395,18 @@ pub fn run(args: &Args) -> Result<()> {
     if examples.is_empty() {
         bail!("{}: no training examples", reader.name());
     }
+    for (msg, n) in builder.notes.borrow().iter() {
+        args.log
+            .warn(TOOL, format!("{msg} ({n} of {} examples)", examples.len()));
+    }
     if let Some(n) = args.inspect {
         let mut so = std::io::stdout().lock();
-        inspect(&tok, &examples[..n.min(examples.len())], &mut so)?;
+        inspect(
+            &tok,
+            &examples[..n.min(examples.len())],
+            args.inspect_format,
+            &mut so,
+        )?;
         so.flush()?;
         return Ok(());
     }

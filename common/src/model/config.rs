@@ -236,15 +236,23 @@ impl Config {
 }
 
 /// Rotary base and scaling from either layout, as transformers 5 reads them
-/// (`convert_rope_params_to_dict`): `rope_parameters` (transformers 5) when present, its
-/// `rope_theta` falling back to the top-level one; else the legacy `rope_scaling` with the
-/// top-level `rope_theta`. The default base is 10000. An unsupported type is refused under
-/// either key.
+/// (`convert_rope_params_to_dict`, `standardize_rope_params`): the legacy `rope_scaling` object
+/// when present (it replaces `rope_parameters` entirely, as in transformers), else
+/// `rope_parameters`; the base is that object's `rope_theta`, else the top-level `rope_theta`,
+/// else 10000. A transformers 4 config (top-level `rope_theta`, `rope_scaling`) reads the same
+/// under both rules. An unsupported type is refused under either key.
 fn rope(raw: &Raw) -> Result<(f64, RopeScaling)> {
-    let (key, params) = match (&raw.rope_parameters, &raw.rope_scaling) {
-        (Some(p @ Value::Object(_)), _) => ("rope_parameters", Some(p)),
-        (Some(Value::Null) | None, s) => ("rope_scaling", s.as_ref()),
-        (Some(_), _) => bail!("rope_parameters must be an object"),
+    let nonempty = |v: &Option<Value>| match v {
+        Some(Value::Object(m)) if !m.is_empty() => Ok(true),
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(false),
+        Some(_) => Err(()),
+    };
+    let (key, params) = match (nonempty(&raw.rope_scaling), nonempty(&raw.rope_parameters)) {
+        (Err(()), _) => bail!("rope_scaling must be an object"),
+        (_, Err(())) => bail!("rope_parameters must be an object"),
+        (Ok(true), _) => ("rope_scaling", raw.rope_scaling.as_ref()),
+        (Ok(false), Ok(true)) => ("rope_parameters", raw.rope_parameters.as_ref()),
+        _ => ("rope_parameters", None),
     };
     let theta = params
         .and_then(|p| p.get("rope_theta"))
@@ -256,10 +264,11 @@ fn rope(raw: &Raw) -> Result<(f64, RopeScaling)> {
         .transpose()?
         .or(raw.rope_theta)
         .unwrap_or(10000.0);
-    Ok((theta, parse_rope_scaling(key, params)?))
+    let max_pos = raw.max_position_embeddings.unwrap_or(4096) as f64;
+    Ok((theta, parse_rope_scaling(key, params, max_pos)?))
 }
 
-fn parse_rope_scaling(key: &str, v: Option<&Value>) -> Result<RopeScaling> {
+fn parse_rope_scaling(key: &str, v: Option<&Value>, max_pos: f64) -> Result<RopeScaling> {
     let Some(Value::Object(m)) = v else {
         return Ok(RopeScaling::None);
     };
@@ -282,7 +291,11 @@ fn parse_rope_scaling(key: &str, v: Option<&Value>) -> Result<RopeScaling> {
             factor: f("factor")?,
             low_freq_factor: f("low_freq_factor")?,
             high_freq_factor: f("high_freq_factor")?,
-            original_max_position_embeddings: f("original_max_position_embeddings")?,
+            // transformers fills a missing one with max_position_embeddings.
+            original_max_position_embeddings: m
+                .get("original_max_position_embeddings")
+                .and_then(Value::as_f64)
+                .unwrap_or(max_pos),
         }),
         other => bail!("{key}: rope_type {other:?} is not supported (default, linear, llama3)"),
     }
@@ -393,7 +406,7 @@ mod tests {
             (c.rope_theta, c.rope_scaling),
             (500000.0, RopeScaling::None)
         );
-        // The legacy layout still works, and the new key wins over a stale legacy one.
+        // The legacy layout still works.
         let c = Config::parse(&format!(
             r#"{{{BASE},"rope_theta":1000.0,"rope_scaling":{{"type":"linear","factor":2.0}},"torch_dtype":"float32"}}"#
         ))
