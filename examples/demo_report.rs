@@ -32,7 +32,7 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for name in &args[1..] {
         let e = read(&dir.join(format!("{name}.eval.json")))?;
-        let acc = |t: &str| e["results"][t]["acc"].as_f64().unwrap_or(f64::NAN);
+        let acc = |t: &str| e["results"][t]["acc,none"].as_f64().unwrap_or(f64::NAN);
         let kl = match read(&dir.join(format!("{name}.kl.json"))) {
             Ok(k) => Some((
                 k["kl_token"].as_f64().unwrap_or(f64::NAN),

@@ -147,11 +147,12 @@ fn perplexity_is_the_rolling_loglikelihood() {
         )
     };
     close(
-        "bits_per_byte",
+        "bits_per_byte,none",
         -ll / (bytes as f64 * std::f64::consts::LN_2),
     );
-    close("word_perplexity", (-ll / words as f64).exp());
-    close("byte_perplexity", (-ll / bytes as f64).exp());
+    close("word_perplexity,none", (-ll / words as f64).exp());
+    close("byte_perplexity,none", (-ll / bytes as f64).exp());
+    assert_eq!(r["word_perplexity_stderr,none"], "N/A");
 }
 
 #[test]
@@ -288,18 +289,29 @@ fn generative_scores_follow_their_samples() {
     );
     let r = &report["results"]["gsm8k"];
     let n = 4usize;
-    let cs: Vec<usize> = samples
-        .iter()
-        .map(|s| s["correct_flexible"].as_u64().unwrap() as usize)
-        .collect();
-    let mean = |f: &dyn Fn(usize) -> f64| cs.iter().map(|&c| f(c)).sum::<f64>() / cs.len() as f64;
-    assert!(
-        (r["exact_match,flexible-extract"].as_f64().unwrap() - mean(&|c| c as f64 / n as f64))
-            .abs()
-            < 1e-12
-    );
+    let count = |k: &str| -> Vec<usize> {
+        samples
+            .iter()
+            .map(|s| s[k].as_u64().unwrap() as usize)
+            .collect()
+    };
+    let cs = count("correct_cf");
+    let mean = |cs: &[usize], f: &dyn Fn(usize) -> f64| {
+        cs.iter().map(|&c| f(c)).sum::<f64>() / cs.len() as f64
+    };
+    for (metric, k) in [
+        ("exact_match,flexible-extract", "correct_flexible"),
+        ("exact_match,strict-match", "correct_strict"),
+        ("exact_match,cf-extract", "correct_cf"),
+    ] {
+        let want = mean(&count(k), &|c| c as f64 / n as f64);
+        assert!(
+            (r[metric].as_f64().unwrap() - want).abs() < 1e-12,
+            "{metric}"
+        );
+    }
     for k in [1usize, 2, 4] {
-        let want = mean(&|c| {
+        let want = mean(&cs, &|c| {
             if n - c < k {
                 1.0
             } else {
@@ -309,14 +321,14 @@ fn generative_scores_follow_their_samples() {
             }
         });
         assert!(
-            (r[format!("pass@{k},flexible-extract")].as_f64().unwrap() - want).abs() < 1e-12,
+            (r[format!("pass@{k},cf-extract")].as_f64().unwrap() - want).abs() < 1e-12,
             "pass@{k}"
         );
     }
-    // The prompt is lm-eval's gsm8k zero-shot format; the gold answer follows ####.
+    // The prompt is lm-eval's gsm8k zero-shot format; the target is the whole answer.
     assert_eq!(samples[0]["prompt"], "Question: What is 2 plus 2?\nAnswer:");
-    assert_eq!(samples[1]["answer"], "7");
-    assert_eq!(samples[0]["outputs"].as_array().unwrap().len(), 4);
+    assert_eq!(samples[1]["target"], "#### 7");
+    assert_eq!(samples[0]["resps"].as_array().unwrap().len(), 4);
     // Greedy answers are cf-sample's greedy continuations of the same prompt.
     let (_, g) = eval(
         d.path(),
@@ -369,7 +381,7 @@ fn generative_scores_follow_their_samples() {
         .filter(|t| !m.eos_ids.contains(t))
         .collect();
     assert_eq!(
-        g[0]["outputs"][0].as_str().unwrap(),
+        g[0]["resps"][0].as_str().unwrap(),
         m.tok.decode(&toks, true).unwrap()
     );
 }
@@ -417,11 +429,11 @@ fn compare_reports_the_change() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|x| x["metric"] == "acc")
+        .find(|x| x["metric"] == "acc,none")
         .unwrap()
         .clone();
-    assert_eq!(row["before"], before["results"]["mc"]["acc"]);
-    assert_eq!(row["after"], rep["results"]["mc"]["acc"]);
+    assert_eq!(row["before"], before["results"]["mc"]["acc,none"]);
+    assert_eq!(row["after"], rep["results"]["mc"]["acc,none"]);
     assert!(
         (row["delta"].as_f64().unwrap()
             - (row["after"].as_f64().unwrap() - row["before"].as_f64().unwrap()))

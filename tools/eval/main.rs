@@ -1,6 +1,7 @@
 //! cf-eval: measure what was kept and what was learned.
 
 mod extract;
+mod lmeval;
 mod run;
 mod score;
 mod tasks;
@@ -12,15 +13,20 @@ use std::process::ExitCode;
 
 /// Evaluate a model the way lm-evaluation-harness does (zero-shot), on task files you have.
 ///
-/// Multiple choice by log-likelihood (acc, acc_norm by character length, their standard
-/// errors; lm-eval's context/continuation split, " " target delimiter, and no BOS unless
-/// --add-bos-token), Winogrande-style partial scoring, perplexity (token, word, bits per byte),
-/// and generative tasks (greedy or sampled; strict and flexible answer extraction; pass@k,
-/// maj@k). A task file is JSONL or Parquet: {"context", "choices", "gold"} by default (see the
+/// Follows lm-evaluation-harness 0.4.13 (HF backend): multiple choice by log-likelihood
+/// (acc, acc_norm by character length, their standard errors; lm-eval's context/continuation
+/// split, " " target delimiter, BOS as --add-bos-token says, inputs longer than the model cut
+/// from the left), Winogrande-style partial scoring, perplexity in lm-eval's rolling windows
+/// (word and byte perplexity, bits per byte), and generative tasks (greedy or sampled; prompts
+/// cut to the model's length less --max-tokens; lm-eval's gsm8k filters strict-match and
+/// flexible-extract with its exact_match, and cf's own cf-extract: \boxed{}, else #### n, else
+/// the last number, compared by value, which pass@k and maj@k use). The math500 preset is
+/// cf's own (the problem as the prompt, cf-extract), not lm-eval's minerva_math500. A task file is JSONL or Parquet: {"context", "choices", "gold"} by default (see the
 /// --*-field flags), {"contexts", "continuation", "gold"}, {"text"}, or {"prompt", "answer"};
 /// --preset maps the published layouts of arc_easy, arc_challenge, hellaswag, piqa, sciq,
 /// openbookqa, boolq, copa, winogrande, gsm8k, math500 and wikitext. The report (JSON, shaped
-/// like lm-eval's results/configs/versions) goes to stdout or -o.
+/// in lm-eval's layout: "acc,none", "acc_stderr,none", "exact_match,strict-match", n-samples,
+/// higher_is_better, configs, versions) goes to stdout or -o.
 ///
 /// Examples:
 ///   cf-eval --model M --task arc_easy:ARC-Easy-test.parquet --task piqa:valid.parquet -o before.json
@@ -62,9 +68,27 @@ pub struct Args {
     #[arg(long, default_value = " ")]
     pub target_delimiter: String,
 
-    /// Add BOS to every context, as lm-eval's add_bos_token=True.
-    #[arg(long)]
-    pub add_bos_token: bool,
+    /// lm-eval's add_bos_token. Unset (the default since lm-eval 0.4.10): the tokenizer
+    /// decides (tokenizer.json's post-processor; Llama-3 adds BOS, OLMo and Qwen do not).
+    /// `--add-bos-token` (=true): BOS before every context, prompt and document, where the
+    /// tokenizer has one. `--add-bos-token=false`: never. A text that already starts with the
+    /// BOS text gets no second one; an empty context is the BOS (else EOS) token. Perplexity
+    /// scores the document as the tokenizer encodes it after lm-eval's prefix token, so with a
+    /// BOS-adding tokenizer the first window is [BOS, BOS, …] and log p(BOS | BOS) counts, as
+    /// in lm-eval.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_name = "BOOL")]
+    pub add_bos_token: Option<bool>,
+
+    /// Few-shot examples per document for generative tasks, chosen and laid out as lm-eval
+    /// does (its sampler seeded 1234; "Q A\n\n" before the question; with --chat as earlier
+    /// turns). lm-eval's gsm8k is 5-shot from its train split: --num-fewshot 5
+    /// --fewshot-file train.parquet.
+    #[arg(long, default_value_t = 0)]
+    pub num_fewshot: usize,
+
+    /// The task's few-shot split (same layout and preset as the task).
+    #[arg(long, value_name = "FILE")]
+    pub fewshot_file: Option<String>,
 
     /// Evaluate only the first N documents of each task.
     #[arg(long)]

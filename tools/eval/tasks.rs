@@ -18,13 +18,24 @@ pub struct McDoc {
 /// A problem with a reference answer, answered by generation.
 #[derive(Clone, Debug)]
 pub struct GenDoc {
+    /// lm-eval's doc_to_text (the question, without few-shot examples).
     pub prompt: String,
+    /// lm-eval's doc_to_target: the reference (for gsm8k the whole solution, "... #### 72",
+    /// which exact_match reduces to its final answer), also the few-shot examples' answer.
     pub answer: String,
+}
+
+/// A document scored by rolling log-likelihood: the text scored, and the text whose words and
+/// bytes are counted (wikitext: the detokenized page is scored, the original counted).
+#[derive(Clone, Debug)]
+pub struct PplDoc {
+    pub scored: String,
+    pub counted: String,
 }
 
 pub enum Task {
     MultipleChoice(Vec<McDoc>),
-    Perplexity(Vec<String>),
+    Perplexity(Vec<PplDoc>),
     Generative(Vec<GenDoc>),
 }
 
@@ -106,15 +117,6 @@ fn hellaswag_clean(t: &str) -> String {
     out.replace("  ", " ")
 }
 
-fn capitalize(t: &str) -> String {
-    // Python's str.capitalize: first character upper, the rest lower.
-    let mut c = t.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase(),
-        None => String::new(),
-    }
-}
-
 fn mc(context: String, choices: Vec<String>, gold: usize, delim: &str) -> McDoc {
     let requests = choices
         .iter()
@@ -155,7 +157,11 @@ fn preset_doc(preset: &str, r: &Record) -> Result<Task1> {
             Task1::Mc(mc(s(r, "question_stem")?.to_string(), text, gold, " "))
         }
         "hellaswag" => {
-            let ctx = format!("{} {}", s(r, "ctx_a")?, capitalize(s(r, "ctx_b")?));
+            let ctx = format!(
+                "{} {}",
+                s(r, "ctx_a")?,
+                crate::lmeval::py_capitalize(s(r, "ctx_b")?)
+            );
             let query = hellaswag_clean(&format!("{}: {ctx}", s(r, "activity_label")?));
             let endings = strs(r.get("endings"), "endings")?
                 .iter()
@@ -243,18 +249,19 @@ fn preset_doc(preset: &str, r: &Record) -> Result<Task1> {
         }
         "gsm8k" => Task1::Gen(GenDoc {
             prompt: format!("Question: {}\nAnswer:", s(r, "question")?),
-            answer: s(r, "answer")?
-                .rsplit("####")
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string(),
+            answer: s(r, "answer")?.to_string(),
         }),
         "math500" => Task1::Gen(GenDoc {
             prompt: s(r, "problem")?.to_string(),
             answer: s(r, "answer")?.to_string(),
         }),
-        "wikitext" => Task1::Ppl(s(r, "page").or_else(|_| s(r, "text"))?.to_string()),
+        "wikitext" => {
+            let page = s(r, "page").or_else(|_| s(r, "text"))?;
+            Task1::Ppl(PplDoc {
+                scored: crate::lmeval::wikitext_detokenizer(page),
+                counted: page.to_string(),
+            })
+        }
         other => bail!("unknown preset {other:?} (known: {})", PRESETS.join(", ")),
     })
 }
@@ -262,7 +269,7 @@ fn preset_doc(preset: &str, r: &Record) -> Result<Task1> {
 enum Task1 {
     Mc(McDoc),
     Gen(GenDoc),
-    Ppl(String),
+    Ppl(PplDoc),
 }
 
 /// A record in cf-eval's own layouts: {context, choices, gold} (names from `fields`),
@@ -315,7 +322,10 @@ fn plain_doc(r: &Record, f: &Fields) -> Result<Task1> {
         }));
     }
     if let Some(t) = r.get("text").and_then(Value::as_str) {
-        return Ok(Task1::Ppl(t.to_string()));
+        return Ok(Task1::Ppl(PplDoc {
+            scored: t.to_string(),
+            counted: t.to_string(),
+        }));
     }
     bail!(
         "cannot tell the task: expected \"{}\"/\"{}\"/\"{}\" (multiple choice), contexts/continuation, prompt/answer, or text",
@@ -354,7 +364,7 @@ pub fn load(
                 mcs.push(d)
             }
             Task1::Gen(d) => gens.push(d),
-            Task1::Ppl(t) => ppl.push(t),
+            Task1::Ppl(d) => ppl.push(d),
         }
         if [!mcs.is_empty(), !gens.is_empty(), !ppl.is_empty()]
             .iter()
