@@ -4,11 +4,12 @@
     OMP_NUM_THREADS=1 python3 scripts/make_eval_reference.py      # writes fixtures/eval/
 
 Needs the releases pinned in scripts/requirements.txt: lm_eval 0.4.13, transformers 5.24,
-torch 2.15, datasets 5.2 (CPU; about a minute). Everything is run by lm-eval itself, in float32
+torch 2.15, datasets 5.2 (CPU; about 20 seconds). Everything is run by lm-eval itself, in float32
 on CPU with batch size 1, through local YAML tasks (dataset_path: json) written to a temporary
 folder; the model paths and data files are given relative to the repository root, which is made
-the working directory, so no machine path ends up in the references. Its max_length for the
-fixtures is their max_position_embeddings, 128.
+the working directory, so no machine path ends up in the references (lm_eval_results.json aside).
+lm-eval's max_length for the fixtures is their max_position_embeddings, 128. Every output but
+lm_eval_results.json is byte-identical from run to run.
 
 Task files (inputs, in cf-eval's record layouts):
 
@@ -36,25 +37,29 @@ References (outputs):
   reference-long.json    long_mc and long_ppl on llama (default BOS), long_ppl also with
                          add_bos_token=False; token counts as lm-eval's own tok_encode gives them.
   reference-wikitext.json  lm-eval's wikitext task (its preprocess_wikitext, imported) on llama:
-                         per page the detokenized text, words, bytes, tokens, log-likelihood.
+                         per page the detokenized text (what is scored), words and bytes (of the
+                         raw page), rolling_tokens (tok_encode of the target, BOS included),
+                         log-likelihood; the three metrics.
   reference-gsm8k.json   lm-eval's gsm8k task (its YAML, with local data and max_gen_toks 16) on
                          llama, greedy, 0-, 3- and 5-shot (5 = the YAML's own num_fewshot): per doc
-                         the prompt, generation arguments, raw generation, both filters' output
-                         and exact_match; the task metrics.
+                         the prompt, generation arguments, raw generation (resps), both filters'
+                         output and exact_match, prompt_tokens and the input_ids lm-eval's
+                         tok_batch_encode keeps (the last max_length - 16); the task metrics.
   fewshot.json           the 3- and 5-shot prompts of those runs (fewshot seed 1234) and the train
                          documents they hold, in order (found by matching).
   gsm8k_filters.json     crafted generations through gsm8k's own filter pipelines (strict-match,
                          flexible-extract) and its process_results (exact_match with its kwargs).
   hellaswag.json         lm_eval.tasks.hellaswag.utils.process_docs on crafted documents.
   lm_eval_results.json   the results file lm-eval wrote (--output_path layout) for the llama
-                         default run, verbatim (its date, timings and environment vary by run).
+                         default run, verbatim: its date, timings, environment, git_hash (this
+                         repository's commit), config_source (the temporary task folder) and
+                         one function address vary by run and machine.
 """
 import copy
 import glob
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -73,7 +78,7 @@ import lm_eval.tasks  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.loggers import EvaluationTracker  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -141,7 +146,8 @@ GSM8K_TEST = [
                  "gives 2 rolls to her neighbour, drops 1 roll on the floor and eats 1 roll herself at lunch. In the evening her brother brings back 4 rolls "
                  "that the school did not need. How many rolls does she have at the end of the day?",
      "answer": "She starts with 3 * 12 = <<3*12=36>>36 rolls.\nShe loses 17 + 9 + 2 + 1 + 1 = <<17+9+2+1+1=30>>30 rolls.\nShe ends with 36 - 30 + 4 = <<36-30+4=10>>10 rolls.\n#### 10"},
-    {"question": "It is 4 degrees and the temperature drops 7 degrees. What is it now?", "answer": "4 - 7 = <<4-7=-3>>-3\n#### -3"},
+    # The fixture's greedy zero-shot output holds a lone "7": one flexible-extract match.
+    {"question": "It is 10 degrees and the temperature drops 3 degrees. What is it now?", "answer": "10 - 3 = <<10-3=7>>7 degrees.\n#### 7"},
 ]
 
 # Crafted generations for gsm8k's filters and exact_match: (output, gold answer field).
@@ -197,8 +203,8 @@ HELLASWAG = [
     {"activity_label": "Digraphs", "ctx_a": "A sign reads.", "ctx_b": "\u01c6ungla and \u01c5ungla and \u01c4UNGLA", "endings": ["ok.", "no."], "label": "0"},
     {"activity_label": "Apostrophe", "ctx_a": "Dutch words.", "ctx_b": "\u0149 is a letter", "endings": ["yes", "no"], "label": "1"},
     {"activity_label": "Ligature", "ctx_a": "At the pond.", "ctx_b": "\ufb01sh swim \ufb02at", "endings": ["fast.", "slow."], "label": "0"},
-    {"activity_label": "Turkish", "ctx_a": "In the city.", "ctx_b": "\u0130stanbul is BIG", "endings": ["\u0130t is.", "it is not."], "label": "0"},
-    {"activity_label": "Greek", "ctx_a": "A word.", "ctx_b": "\u039f\u0394\u039f\u03a3 \u039a\u0391\u0399 \u039b\u039f\u0393\u039f\u03a3.", "endings": ["\u039f\u0394\u039f\u03a3", "\u03c3\u03bf\u03c6\u03bf\u03c2"], "label": "1"},
+    {"activity_label": "Turkish", "ctx_a": "In the city.", "ctx_b": "\u0130stanbul and \u0130ZM\u0130R are BIG", "endings": ["\u0130t is.", "it is not."], "label": "0"},
+    {"activity_label": "Greek", "ctx_a": "A word.", "ctx_b": "\u039f\u0394\u039f\u03a3 \u039a\u0391\u0399 \u039b\u039f\u0393\u039f\u03a3. \u03a3 \u039f\u03a3\u039f\u03a3", "endings": ["\u039f\u0394\u039f\u03a3", "\u03c3\u03bf\u03c6\u03bf\u03c2"], "label": "1"},
     {"activity_label": "Sports", "ctx_a": "The NBA game starts.", "ctx_b": "THE PLAYERS RUN to the NBA court", "endings": ["and SCORE.", "and Miss."], "label": "0"},
     {"activity_label": "Empty", "ctx_a": "A man stands.", "ctx_b": "", "endings": ["He sits.", " He  runs . "], "label": "1"},
     {"activity_label": "How to cook rice", "ctx_a": "[title] Rinse the rice. [step] Put it in a pot.", "ctx_b": "then [title] boil water", "endings": ["[title] Add salt. [step] Stir.", "Wait [title] and eat."], "label": "0"},
@@ -449,7 +455,7 @@ def shots_in(prompt, train):
 # ---------------------------------------------------------------- filters, hellaswag
 
 def gsm8k_filter_cases(tm):
-    task = get_task_dict(["cf_gsm8k"], tm)["cf_gsm8k"]
+    task = tm.load("cf_gsm8k")["tasks"]["cf_gsm8k"]
     names = [f.name for f in task._filters]
     assert names == ["strict-match", "flexible-extract"], names
     docs = [{"question": "Q?", "answer": gold} for _, gold in FILTER_CASES]
@@ -510,7 +516,10 @@ def main():
     ppl_counts = {"default": rolling_counts(counter, long_ppl), "false": rolling_counts(counter_nobos, long_ppl)}
     assert ppl_counts["default"] == LONG_COUNTS, ppl_counts
 
-    tasks = tempfile.mkdtemp(prefix="cf-eval-ref-tasks-")
+    # A fixed folder, so that the results file's config_source paths are the same every run.
+    tasks = os.path.join(tempfile.gettempdir(), "cf-eval-reference-tasks")
+    shutil.rmtree(tasks, ignore_errors=True)
+    os.makedirs(tasks)
     try:
         w = lambda name, text: open(os.path.join(tasks, name), "w").write(text)  # noqa: E731
         w("cf_mc.yaml", YAML_MC.format(path=p["mc"]))
@@ -561,7 +570,7 @@ def main():
         wiki = ppl_reference(res_main, "cf_wikitext")
         for d, page in zip(wiki["docs"], WIKITEXT):
             d["page"] = page
-            d["tokens"] = len(counter.tok_encode(d["target"]))
+            d["rolling_tokens"] = len(counter.tok_encode(d["target"]))
         wiki_ref = {"lm_eval_version": VERSION, "model": "llama", "add_bos_token": None, **wiki}
         wiki_ref["detokenized"] = [d["target"] for d in wiki["docs"]]
         dump("reference-wikitext.json", wiki_ref)
@@ -576,7 +585,11 @@ def main():
             run = gsm8k_run(res, "cf_gsm8k")
             assert run["n_shot"] == n, (run["n_shot"], n)
             for d in run["docs"]:
+                # The prompt as lm-eval's generate_until encodes it: default special tokens,
+                # then the last max_length - max_gen_toks ids.
                 d["prompt_tokens"] = len(counter.tok_encode(d["prompt"]))
+                ids, _ = counter.tok_batch_encode([d["prompt"]], left_truncate_len=MAX - 16)
+                d["input_ids"] = ids[0].tolist()
             gsm["runs"][str(n)] = run
             if n:
                 rnd = random.Random(1234)

@@ -10,6 +10,7 @@ mod examples;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod kl;
+mod lm_eval;
 mod mix;
 mod models;
 mod records;

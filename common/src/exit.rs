@@ -70,8 +70,38 @@ where
     })
 }
 
+/// Standard output, checked to be open: a tool started with stdout closed (`cf-sample … >&-`)
+/// would otherwise "write" its data into nothing (Rust ignores EBADF on stdout) and exit 0.
+pub fn stdout() -> anyhow::Result<io::Stdout> {
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
+    if unsafe { libc::fcntl(1, libc::F_GETFD) } == -1 {
+        anyhow::bail!("stdout is closed: the output would be lost (give -o FILE, or redirect it)");
+    }
+    Ok(io::stdout())
+}
+
+/// What a tool does on SIGINT, SIGTERM or SIGHUP: remove its temporary files and folders
+/// (outputs not yet renamed into place), say so, and exit 130 as a shell does for Ctrl-C.
+fn on_signal(tool: String) {
+    let _ = ctrlc::set_handler(move || {
+        let n = crate::temp::remove_all();
+        eprintln!("{tool}: interrupted; removed {n} unfinished output(s)");
+        std::process::exit(130);
+    });
+}
+
+/// `CF_THREADS`: the CPU threads candle's kernels may use (it reads `RAYON_NUM_THREADS`).
+fn threads_from_env() {
+    if let Some(n) = crate::env::var(crate::env::CF_THREADS) {
+        // Set before any thread pool starts, while the process has one thread.
+        std::env::set_var("RAYON_NUM_THREADS", n);
+    }
+}
+
 /// Run a tool's body and turn its result into the process exit code.
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    threads_from_env();
+    on_signal(tool.to_string());
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,

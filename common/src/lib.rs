@@ -10,4 +10,5 @@ pub mod exit;
 pub mod generate;
 pub mod model;
 pub mod record;
+pub mod temp;
 pub mod tokenizer;

@@ -114,14 +114,17 @@ pub fn gsm8k_flexible(text: &str) -> String {
 /// newline, which Rust's does not, so the last one is done by hand.
 pub fn gsm8k_normalize(s: &str) -> String {
     static ALL_BEFORE: LazyLock<Regex> = LazyLock::new(|| re(r"(?s).*#### "));
-    let s = s.replace(',', "").replace('$', "");
-    let mut s = ALL_BEFORE.replace_all(&s, "").into_owned();
+    // Each step's results go through np.array, whose unicode dtype drops trailing NULs.
+    let np = |s: String| s.trim_end_matches('\0').to_string();
+    let s = np(s.replace(',', ""));
+    let s = np(s.replace('$', ""));
+    let mut s = np(ALL_BEFORE.replace_all(&s, "").into_owned());
     if s.ends_with(".\n") {
         s.remove(s.len() - 2);
     } else if s.ends_with('.') {
         s.pop();
     }
-    s.to_lowercase()
+    np(s).to_lowercase()
 }
 
 pub fn gsm8k_exact_match(prediction: &str, reference: &str) -> bool {
@@ -356,6 +359,36 @@ mod tests {
         let mut r = PyRandom::new(1234);
         assert_eq!(r.sample(100, 5), vec![99, 56, 14, 0, 11]);
         assert_eq!(r.sample(7473, 5), vec![7462, 6610, 4769, 286, 5501]);
+    }
+
+    #[test]
+    fn gsm8k_filters_and_exact_match_are_lm_evals() {
+        // fixtures/eval/gsm8k_filters.json: crafted outputs through lm-eval 0.4.13's own
+        // RegexFilter/TakeFirst pipelines and exact_match (scripts/make_eval_reference.py).
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/eval/gsm8k_filters.json"
+        ))
+        .unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cases = r["cases"].as_array().unwrap();
+        assert!(cases.len() >= 32);
+        for c in cases {
+            let (out, gold) = (c["output"].as_str().unwrap(), c["gold"].as_str().unwrap());
+            let (s, f) = (gsm8k_strict(out), gsm8k_flexible(out));
+            assert_eq!(s, c["strict"].as_str().unwrap(), "strict of {out:?}");
+            assert_eq!(f, c["flexible"].as_str().unwrap(), "flexible of {out:?}");
+            assert_eq!(
+                gsm8k_exact_match(&s, gold) as u64,
+                c["strict_match"].as_u64().unwrap(),
+                "{out:?} vs {gold:?}"
+            );
+            assert_eq!(
+                gsm8k_exact_match(&f, gold) as u64,
+                c["flexible_match"].as_u64().unwrap(),
+                "{out:?} vs {gold:?}"
+            );
+        }
     }
 
     #[test]

@@ -641,7 +641,7 @@ pub fn run(args: &Args) -> Result<()> {
         Some(p) => write_atomic(Path::new(&p), text.as_bytes())?,
         None => {
             use std::io::Write;
-            let mut so = std::io::stdout().lock();
+            let mut so = cf_common::exit::stdout()?.lock();
             writeln!(so, "{text}")?;
             so.flush()?;
         }

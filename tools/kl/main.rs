@@ -124,7 +124,7 @@ fn run(args: Args) -> Result<()> {
         eprintln!("{text}");
     } else {
         use std::io::Write;
-        let mut out = std::io::stdout().lock();
+        let mut out = cf_common::exit::stdout()?.lock();
         writeln!(out, "{text}")?;
         out.flush()?;
     }

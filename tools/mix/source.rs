@@ -174,7 +174,7 @@ impl Source {
             )
         } else {
             // Parquet and stdin: one pass through the record reader into a JSONL spool file.
-            let mut spool = tempfile::NamedTempFile::new().context("cannot create a spool file")?;
+            let mut spool = cf_common::temp::spool()?;
             let mut reader = record::open(Some(&spec.path), ReadOptions { skip_bad })?;
             {
                 let mut w = std::io::BufWriter::new(spool.as_file_mut());

@@ -131,28 +131,9 @@ pub fn adapter_folder(
 
 /// Build a directory with `fill`, then rename it to `dest` (replacing an older one).
 pub fn atomic_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dest
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("checkpoint");
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempdir_in(&parent)
-        .with_context(|| format!("{}: cannot create a directory", parent.display()))?;
+    let tmp = cf_common::temp::dir_beside(dest)?;
     fill(tmp.path())?;
-    if dest.exists() {
-        std::fs::remove_dir_all(dest)
-            .with_context(|| format!("{}: cannot replace", dest.display()))?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, dest)
-        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-    Ok(())
+    cf_common::temp::persist_dir(tmp, dest)
 }
 
 /// The newest `checkpoint-N` directory in `dir`.

@@ -400,7 +400,7 @@ pub fn run(args: &Args) -> Result<()> {
             .warn(TOOL, format!("{msg} ({n} of {} examples)", examples.len()));
     }
     if let Some(n) = args.inspect {
-        let mut so = std::io::stdout().lock();
+        let mut so = cf_common::exit::stdout()?.lock();
         inspect(
             &tok,
             &examples[..n.min(examples.len())],

@@ -94,22 +94,9 @@ impl Writer {
     pub fn create(out: &Output) -> Result<Writer> {
         let name = out.name();
         let sink = match &out.path {
-            None => Sink::Stdout(BufWriter::with_capacity(1 << 16, io::stdout())),
+            None => Sink::Stdout(BufWriter::with_capacity(1 << 16, crate::exit::stdout()?)),
             Some(dest) => {
-                let dir = match dest.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
-                let tmp = tempfile::Builder::new()
-                    .prefix(&format!(
-                        ".{}.",
-                        dest.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-                    ))
-                    .suffix(".tmp")
-                    .tempfile_in(&dir)
-                    .with_context(|| {
-                        format!("{name}: cannot create a file in {}", dir.display())
-                    })?;
+                let tmp = crate::temp::file_beside(dest)?;
                 Sink::File {
                     tmp: BufWriter::with_capacity(1 << 16, tmp),
                     dest: dest.clone(),
@@ -225,13 +212,7 @@ impl Writer {
                     .into_inner()
                     .map_err(|e| e.into_error())
                     .with_context(|| format!("{name}: cannot write"))?;
-                tmp.as_file()
-                    .sync_all()
-                    .with_context(|| format!("{name}: cannot write"))?;
-                tmp.persist(&dest)
-                    .map_err(|e| e.error)
-                    .with_context(|| format!("{name}: cannot rename into place"))?;
-                Ok(())
+                crate::temp::persist(tmp, &dest)
             }
         }
     }
@@ -253,16 +234,8 @@ fn write_parquet<W: Write + Send>(w: &mut W, records: &[Record]) -> Result<()> {
 
 /// Write bytes to `dest` atomically (temp file beside it, then rename).
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match dest.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = NamedTempFile::new_in(&dir)
-        .with_context(|| format!("{}: cannot create", dest.display()))?;
+    let mut tmp = crate::temp::file_beside(dest)?;
     tmp.write_all(bytes)
         .with_context(|| format!("{}: cannot write", dest.display()))?;
-    tmp.persist(dest)
-        .map_err(|e| e.error)
-        .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
-    Ok(())
+    crate::temp::persist(tmp, dest)
 }
