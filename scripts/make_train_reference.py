@@ -47,7 +47,7 @@ def main():
     labels = torch.tensor([s + [-100] * (L - len(s)) for s in seqs])
     labels[:, 0] = -100
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="eager")
     model.train()
     decay, no_decay = [], []
     for n, p in model.named_parameters():

@@ -269,7 +269,8 @@ fn generative(
                 Ok(())
             },
             |_| {},
-        )?;
+        )
+        .with_context(|| model.files.dir.display().to_string())?;
         let outs: Vec<String> = outs.into_iter().map(|o| o.unwrap_or_default()).collect();
         // lm-eval's gsm8k filters and exact_match, against the whole reference.
         let strict: Vec<String> = outs.iter().map(|o| lmeval::gsm8k_strict(o)).collect();
