@@ -215,12 +215,29 @@ fn a_diverged_model_is_an_error_not_a_sample() {
     // cf-eval: multiple choice, perplexity and generation all refuse it, naming the model
     // (an accuracy of 0.5 from NaN scores would be a silent wrong answer).
     let mc = root().join("fixtures/eval/mc.jsonl");
-    std::fs::write(tmp.path().join("p.jsonl"), "{\"text\": \"The cat sees the moon.\"}\n").unwrap();
-    std::fs::write(tmp.path().join("g.jsonl"), "{\"question\": \"2+2?\", \"answer\": \"#### 4\"}\n").unwrap();
+    std::fs::write(
+        tmp.path().join("p.jsonl"),
+        "{\"text\": \"The cat sees the moon.\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("g.jsonl"),
+        "{\"question\": \"2+2?\", \"answer\": \"#### 4\"}\n",
+    )
+    .unwrap();
     for task in [mc.to_str().unwrap(), "p.jsonl", "gsm8k:g.jsonl"] {
         let r = run(
             "cf-eval",
-            &["--model", m, "--task", task, "--max-tokens", "4", "-o", "rep.json"],
+            &[
+                "--model",
+                m,
+                "--task",
+                task,
+                "--max-tokens",
+                "4",
+                "-o",
+                "rep.json",
+            ],
             tmp.path(),
             None,
         );

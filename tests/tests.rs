@@ -7,6 +7,7 @@ mod util;
 mod decoder;
 mod eval;
 mod examples;
+mod faults;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod kl;

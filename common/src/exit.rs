@@ -70,11 +70,25 @@ where
     })
 }
 
-/// Standard output, checked to be open: a tool started with stdout closed (`cf-sample … >&-`)
-/// would otherwise "write" its data into nothing (Rust ignores EBADF on stdout) and exit 0.
-pub fn stdout() -> anyhow::Result<io::Stdout> {
+/// Whether fd 1 was closed when the process started. Rust's runtime then points it at
+/// /dev/null before `main`, so this is looked at earlier, from `.init_array`.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_closed_stdout() {
     // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
     if unsafe { libc::fcntl(1, libc::F_GETFD) } == -1 {
+        STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static NOTE_CLOSED_STDOUT: extern "C" fn() = note_closed_stdout;
+
+/// Standard output, checked to be open: a tool started with stdout closed (`cf-sample … >&-`)
+/// would otherwise "write" its data into nothing and exit 0.
+pub fn stdout() -> anyhow::Result<io::Stdout> {
+    if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) {
         anyhow::bail!("stdout is closed: the output would be lost (give -o FILE, or redirect it)");
     }
     Ok(io::stdout())

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod env;
 pub mod exit;
 pub mod generate;
+pub mod mem;
 pub mod model;
 pub mod record;
 pub mod temp;

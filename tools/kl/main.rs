@@ -89,12 +89,24 @@ fn run(args: Args) -> Result<()> {
     if let Some(dt) = &args.model.dtype {
         parse_dtype(dt)?;
     }
-    let reader = cf_common::record::open(
+    let mut reader = cf_common::record::open(
         args.input.as_deref(),
         ReadOptions {
             skip_bad: args.skip_bad,
         },
     )?;
+    // Without --base the records must carry the original model's log-probability: say so
+    // before loading anything.
+    if args.base.is_none() {
+        if let Some(Ok((loc, rec))) = reader.peek() {
+            if rec.get("logprob").is_none_or(|v| v.is_null()) {
+                bail!("{loc}: no \"logprob\" field; give --base to score the original model");
+            }
+        }
+    }
+    if let Some(o) = per_record.as_ref().and_then(|o| o.path.as_ref()) {
+        cf_common::temp::file_beside(o).map(drop)?;
+    }
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
     let model = Model::load(&args.model.model, dtype, &device, Mode::Infer)?;

@@ -3,9 +3,9 @@
 mod plan;
 mod source;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cf_common::cli::{name_values, LogArgs};
-use cf_common::record::{write_atomic, Output, SchemaInfer, Writer};
+use cf_common::record::{Output, SchemaInfer, Writer};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use source::{parse_spec, Source};
@@ -129,6 +129,14 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let output = Output::parse(args.output.as_deref())?;
+    // Both outputs are opened (as temporary files beside them) before any input is read, so a
+    // bad path fails at once; they are renamed into place together at the end.
+    let mut writer = Writer::create(&output)?;
+    let report_tmp = args
+        .report
+        .as_deref()
+        .map(|p| cf_common::temp::file_beside(std::path::Path::new(p)))
+        .transpose()?;
     let by_tokens = args.by == By::Tokens;
     let tok = args
         .tokenizer
@@ -163,7 +171,6 @@ fn run(args: Args) -> Result<()> {
         }
         Ok(rec)
     };
-    let mut writer = Writer::create(&output)?;
     if output.format == cf_common::record::Format::Parquet {
         // A first pass over the distinct records learns the schema, so the file streams.
         let mut infer = SchemaInfer::default();
@@ -180,11 +187,30 @@ fn run(args: Args) -> Result<()> {
     for &(si, ri) in &order {
         writer.write(&shape(si as usize, ri)?)?;
     }
+    let rep = report(&args, &sources, &takes, by_tokens)?;
+    let report_tmp = match report_tmp {
+        Some(mut t) => {
+            use std::io::Write;
+            t.write_all(serde_json::to_string_pretty(&rep)?.as_bytes())
+                .context("--report: cannot write")?;
+            Some(t)
+        }
+        None => None,
+    };
     writer.finish()?;
-    report(&args, &sources, &takes, by_tokens)
+    if let (Some(t), Some(p)) = (report_tmp, &args.report) {
+        cf_common::temp::persist(t, std::path::Path::new(p))?;
+    }
+    Ok(())
 }
 
-fn report(args: &Args, sources: &[Source], takes: &[plan::Take], by_tokens: bool) -> Result<()> {
+/// The report: printed as a table on stderr, returned as JSON for --report.
+fn report(
+    args: &Args,
+    sources: &[Source],
+    takes: &[plan::Take],
+    by_tokens: bool,
+) -> Result<serde_json::Value> {
     let tool = "cf-mix";
     let mut rows = Vec::new();
     let (mut total_records, mut total_tokens) = (0usize, Some(0u64));
@@ -257,11 +283,5 @@ fn report(args: &Args, sources: &[Source], takes: &[plan::Take], by_tokens: bool
             );
         }
     }
-    if let Some(p) = &args.report {
-        write_atomic(
-            std::path::Path::new(p),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
-    }
-    Ok(())
+    Ok(report)
 }

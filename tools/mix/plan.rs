@@ -38,8 +38,39 @@ pub fn shuffle<T>(v: &mut [T], r: &mut ChaCha8Rng) {
     }
 }
 
-/// Units each source should contribute, by the ratio forms (see cf-mix --help).
+/// Units each source should contribute, by the ratio forms (see cf-mix --help), checked to
+/// be a mix this machine can plan (each record out costs ~16 bytes of index).
 pub fn targets(
+    sources: &[Source],
+    by_tokens: bool,
+    total: Option<f64>,
+    cap: bool,
+) -> Result<Vec<f64>> {
+    let t = raw_targets(sources, by_tokens, total, cap)?;
+    let records: f64 = sources
+        .iter()
+        .zip(&t)
+        .map(|(s, &t)| {
+            let units = if by_tokens {
+                s.total_tokens().unwrap_or(0) as f64
+            } else {
+                s.len() as f64
+            };
+            if units > 0.0 {
+                t / units * s.len() as f64
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    if !records.is_finite() || records > u32::MAX as f64 * 16.0 {
+        bail!("the mix would have {records:.3e} records: too many to write");
+    }
+    cf_common::mem::require(records * 16.0, &format!("a mix of {records:.0} records"))?;
+    Ok(t)
+}
+
+fn raw_targets(
     sources: &[Source],
     by_tokens: bool,
     total: Option<f64>,

@@ -36,7 +36,7 @@ struct Args {
 
     /// Samples to draw (per prompt with --prompts).
     #[arg(short = 'n', long = "num-samples", default_value_t = 1)]
-    n: usize,
+    n: u64,
 
     /// Most tokens to generate per sample; a sample that reaches it ends with finish_reason "length".
     #[arg(long, default_value_t = 512)]
@@ -122,8 +122,18 @@ fn run(args: Args) -> Result<()> {
     }
     let shard = args.shard.as_deref().map(plan::parse_shard).transpose()?;
     let output = Output::parse(args.output.as_deref())?;
+    if let Some(o) = &output.path {
+        // A path that cannot be written fails now, not after the model is loaded.
+        cf_common::temp::file_beside(o).map(drop)?;
+    }
     let prompts = match &args.prompts {
-        Some(p) => Some(plan::read_prompts(p)?),
+        Some(p) => {
+            let ps = plan::read_prompts(p)?;
+            if ps.is_empty() {
+                anyhow::bail!("--prompts {p}: no records");
+            }
+            Some(ps)
+        }
         None => None,
     };
     if !params.is_unbiased() {
@@ -147,7 +157,7 @@ fn run(args: Args) -> Result<()> {
         (_, _, true) => plan::Start::Chat,
         _ => plan::Start::Document,
     };
-    let jobs = plan::jobs(&model, &start, prompts.as_deref(), args.n)?;
+    let jobs = plan::jobs(&model, &start, prompts.as_deref(), args.n, shard)?;
     let run = plan::Run {
         model: &model,
         model_name: &args.model.model,
@@ -157,5 +167,5 @@ fn run(args: Args) -> Result<()> {
         ignore_eos: args.ignore_eos,
         log: &args.log,
     };
-    run.execute(jobs, shard, &output)
+    run.execute(jobs, &output)
 }

@@ -137,26 +137,57 @@ fn prompt_prefix(model: &Model, loc: &Loc, rec: &Record) -> Result<Vec<u32>> {
 }
 
 /// Every sample of the unsharded run, in index order.
+/// The samples to draw: every prompt (or the one start) n times, sample index i taking
+/// prefix i / n. Jobs are made one at a time from the index, so memory follows the samples
+/// this process draws, not -n.
+pub struct Jobs {
+    prefixes: Vec<(Vec<u32>, &'static str, Option<Record>)>,
+    n: u64,
+    /// The indices this process draws (its shard).
+    pub range: std::ops::Range<u64>,
+}
+
+impl Jobs {
+    pub fn get(&self, index: u64) -> Job {
+        let (ids, kind, prompt) = &self.prefixes[(index / self.n) as usize];
+        Job {
+            index,
+            prefix_ids: ids.clone(),
+            prefix_kind: kind,
+            prompt: prompt.clone(),
+        }
+    }
+
+    fn prefix_len(&self, index: u64) -> usize {
+        self.prefixes[(index / self.n) as usize].0.len()
+    }
+
+    fn longest(&self) -> usize {
+        let (a, b) = (
+            self.range.start / self.n.max(1),
+            self.range.end.div_ceil(self.n.max(1)),
+        );
+        self.prefixes[a as usize..b as usize]
+            .iter()
+            .map(|p| p.0.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 pub fn jobs(
     model: &Model,
     start: &Start,
     prompts: Option<&[(Loc, Record)]>,
-    n: usize,
-) -> Result<Vec<Job>> {
+    n: u64,
+    shard: Option<(u64, u64)>,
+) -> Result<Jobs> {
     let vocab = model.cfg.vocab_size as u32;
-    let mut out = Vec::new();
+    let mut prefixes = Vec::new();
     match prompts {
         Some(prompts) => {
-            for (p, (loc, rec)) in prompts.iter().enumerate() {
-                let ids = prompt_prefix(model, loc, rec)?;
-                for j in 0..n {
-                    out.push(Job {
-                        index: (p * n + j) as u64,
-                        prefix_ids: ids.clone(),
-                        prefix_kind: "prompt",
-                        prompt: Some(rec.clone()),
-                    });
-                }
+            for (loc, rec) in prompts {
+                prefixes.push((prompt_prefix(model, loc, rec)?, "prompt", Some(rec.clone())));
             }
         }
         None => {
@@ -177,15 +208,28 @@ pub fn jobs(
                 }
                 Start::Chat => (chat_ids(model, &Value::Null, true)?, "chat"),
             };
-            out.extend((0..n).map(|i| Job {
-                index: i as u64,
-                prefix_ids: ids.clone(),
-                prefix_kind: kind,
-                prompt: None,
-            }));
+            prefixes.push((ids, kind, None));
         }
     }
-    Ok(out)
+    let total = (prefixes.len() as u64).checked_mul(n).ok_or_else(|| {
+        anyhow!(
+            "-n {n} times {} prompts is more samples than can be counted",
+            prefixes.len()
+        )
+    })?;
+    let range = match shard {
+        // In u128: (k − 1)·total / N cannot overflow.
+        Some((k, parts)) => {
+            let at = |k: u64| ((k as u128 * total as u128) / parts as u128) as u64;
+            at(k - 1)..at(k)
+        }
+        None => 0..total,
+    };
+    Ok(Jobs {
+        prefixes,
+        n: n.max(1),
+        range,
+    })
 }
 
 pub struct Run<'a> {
@@ -227,23 +271,8 @@ impl Run<'_> {
         Ok(rec)
     }
 
-    pub fn execute(
-        &self,
-        jobs: Vec<Job>,
-        shard: Option<(u64, u64)>,
-        output: &Output,
-    ) -> Result<()> {
-        let total = jobs.len() as u64;
-        let jobs: Vec<Job> = match shard {
-            Some((k, n)) => {
-                let (lo, hi) = ((k - 1) * total / n, k * total / n);
-                jobs.into_iter()
-                    .filter(|j| (lo..hi).contains(&j.index))
-                    .collect()
-            }
-            None => jobs,
-        };
-        let longest = jobs.iter().map(|j| j.prefix_ids.len()).max().unwrap_or(0);
+    pub fn execute(&self, jobs: Jobs, output: &Output) -> Result<()> {
+        let longest = jobs.longest();
         let limit = self.model.cfg.max_position_embeddings;
         if longest + self.params.max_tokens > limit {
             bail!("a prefix of {longest} tokens plus --max-tokens {} exceeds the model's {limit} positions", self.params.max_tokens);
@@ -257,7 +286,7 @@ impl Run<'_> {
         let bar = if self.log.quiet {
             indicatif::ProgressBar::hidden()
         } else {
-            indicatif::ProgressBar::new(jobs.len() as u64)
+            indicatif::ProgressBar::new(jobs.range.end - jobs.range.start)
         };
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -268,15 +297,19 @@ impl Run<'_> {
         let (t0, mut tokens, mut eos) = (Instant::now(), 0usize, 0usize);
         // Records leave in index order so output bytes do not depend on the batch size.
         let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
-        let mut next = jobs.first().map_or(0, |j| j.index);
-        let mut i = 0;
-        while i < jobs.len() {
-            let len = jobs[i].prefix_ids.len();
+        let mut next = jobs.range.start;
+        let mut i = jobs.range.start;
+        while i < jobs.range.end {
+            let len = jobs.prefix_len(i);
             let mut j = i;
-            while j < jobs.len() && j - i < self.batch_size && jobs[j].prefix_ids.len() == len {
+            while j < jobs.range.end
+                && ((j - i) as usize) < self.batch_size
+                && jobs.prefix_len(j) == len
+            {
                 j += 1;
             }
-            let batch = &jobs[i..j];
+            let batch: Vec<Job> = (i..j).map(|x| jobs.get(x)).collect();
+            let batch = &batch[..];
             let prefixes: Vec<Vec<u32>> = batch.iter().map(|b| b.prefix_ids.clone()).collect();
             let mut rngs: Vec<_> = batch
                 .iter()

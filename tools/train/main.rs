@@ -2,6 +2,7 @@
 
 mod data;
 mod optim;
+mod outdir;
 mod save;
 mod trainer;
 
@@ -153,9 +154,15 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
 
-    /// Continue from the newest checkpoint in the output folder, exactly.
+    /// Continue from the newest checkpoint in the output folder, exactly (with the same data
+    /// and training flags; a changed one is refused, by name).
     #[arg(long)]
     pub resume: bool,
+
+    /// Start over in an output folder that holds an earlier run (its checkpoints and merged/
+    /// are removed first). Without it, such a folder is refused.
+    #[arg(long, conflicts_with_all = ["resume", "resume_from"])]
+    pub overwrite: bool,
 
     /// Continue from this checkpoint folder.
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]

@@ -49,6 +49,20 @@ fn validate(args: &Args) -> Result<()> {
             bail!("{n} must be in [0, 1), got {b}");
         }
     }
+    for (x, n) in [
+        (args.max_grad_norm, "--max-grad-norm"),
+        (args.weight_decay, "--weight-decay"),
+    ] {
+        if !(x >= 0.0 && x.is_finite()) {
+            bail!("{n} must be >= 0, got {x}");
+        }
+    }
+    if args.batch_tokens == Some(0) {
+        bail!("--batch-tokens must be >= 1");
+    }
+    if args.lora_alpha.is_some_and(|a| !(a > 0.0 && a.is_finite())) {
+        bail!("--lora-alpha must be > 0");
+    }
     if args.batch_size == 0 || args.grad_accum == 0 || args.max_length < 2 {
         bail!("--batch-size and --grad-accum must be >= 1 and --max-length >= 2");
     }
@@ -438,7 +452,11 @@ pub fn run(args: &Args) -> Result<()> {
 
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let resuming = args.resume || args.resume_from.is_some();
+    let (_owned, notes) = crate::outdir::claim(&out, resuming, args.overwrite)?;
+    for n in notes {
+        args.log.warn(TOOL, n);
+    }
     let resume_dir = match (&args.resume_from, args.resume) {
         (Some(p), _) => Some(PathBuf::from(p)),
         (None, true) => Some(
@@ -461,8 +479,20 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let fp = fingerprint(&examples);
     if let Some(st) = &state {
+        let dir = resume_dir.as_ref().unwrap().display();
         if st["data"].as_str() != Some(fp.as_str()) || st["seed"].as_u64() != Some(args.seed) {
-            bail!("{}: the checkpoint was made with other data or another --seed; resuming would not continue the same run", resume_dir.as_ref().unwrap().display());
+            bail!("{dir}: the checkpoint was made with other data or another --seed; resuming would not continue the same run");
+        }
+        if let Some(was) = st.get("settings").and_then(Value::as_object) {
+            let now = settings(args);
+            let changed: Vec<String> = now
+                .iter()
+                .filter(|(k, v)| was.get(*k).is_some_and(|w| w != *v))
+                .map(|(k, v)| format!("--{} {} (was {})", k.replace('_', "-"), v, was[k]))
+                .collect();
+            if !changed.is_empty() {
+                bail!("{dir}: the run was started with other settings, so resuming would not continue it: {}", changed.join(", "));
+            }
         }
     }
     let t = trainable(args, &device, dtype, resume_dir.as_deref())?;
@@ -503,14 +533,31 @@ pub fn run(args: &Args) -> Result<()> {
             format!("resuming {} at step {}", dir.display(), opt.step),
         );
     }
+    // The metrics describe this run: a new run starts the file afresh, a resumed one keeps the
+    // lines up to its checkpoint and then continues them (redone steps are not repeated).
     let mut metrics = match &args.metrics {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("{p}: cannot open"))?,
-        ),
+        Some(p) => {
+            let kept: String = match std::fs::read_to_string(p) {
+                Ok(text) if opt.step > 0 => text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<Value>(l)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s <= opt.step)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect(),
+                _ => String::new(),
+            };
+            cf_common::record::write_atomic(Path::new(p), kept.as_bytes())?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("{p}: cannot open"))?,
+            )
+        }
         None => None,
     };
     args.log.info(
@@ -621,10 +668,15 @@ pub fn run(args: &Args) -> Result<()> {
         }
         if args.save_every > 0 && opt.step % args.save_every == 0 && opt.step < total {
             let dir = out.join(format!("checkpoint-{}", opt.step));
+            finite_weights(&t, opt.step, &ckpt_note)?;
             checkpoint(args, &t, &opt, &dir, epoch, micro, &fp)?;
             last_ckpt = Some(dir);
         }
     }
+    let ckpt_note = last_ckpt
+        .as_ref()
+        .map_or("none".to_string(), |p| p.display().to_string());
+    finite_weights(&t, opt.step, &ckpt_note)?;
     final_output(args, &t, &out)?;
     args.log.info(TOOL, format!("wrote {}", out.display()));
     Ok(())
@@ -643,6 +695,42 @@ fn write_weights(args: &Args, t: &Trainable, dtype: DType, dir: &Path) -> Result
             dir,
         ),
     }
+}
+
+/// A checkpoint or model is saved only when every weight is finite: a finite loss and
+/// gradient can still take an update to inf (a huge learning rate).
+fn finite_weights(t: &Trainable, step: u64, last_good: &str) -> Result<()> {
+    let mut bad = 0usize;
+    for (_, v) in &t.vars {
+        let x = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+        let finite = x
+            .abs()?
+            .le(f32::MAX as f64)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+        bad += x.elem_count() - finite;
+    }
+    if bad > 0 {
+        bail!("step {step}: {bad} weights are not finite; not saving them (last good checkpoint: {last_good})");
+    }
+    Ok(())
+}
+
+/// The flags a resumed run must share with the run it continues (those that change its
+/// trajectory), as written into every checkpoint.
+fn settings(args: &Args) -> serde_json::Map<String, Value> {
+    let v = json!({
+        "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+        "batch_tokens": args.batch_tokens, "grad_accum": args.grad_accum, "warmup": args.warmup,
+        "warmup_ratio": args.warmup_ratio, "schedule": format!("{:?}", args.schedule).to_lowercase(),
+        "weight_decay": args.weight_decay, "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
+        "adam_eps": args.adam_eps, "max_grad_norm": args.max_grad_norm, "max_length": args.max_length,
+        "weight": args.weight, "exact_kl": args.exact_kl, "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets,
+        "dtype": args.model.dtype, "model": args.model.model,
+    });
+    v.as_object().cloned().unwrap_or_default()
 }
 
 fn checkpoint(
@@ -664,6 +752,7 @@ fn checkpoint(
             "seed": args.seed,
             "data": fp,
             "lora_dropout_word_pos": t.lora_rng.as_ref().map(|r| r.lock().unwrap().get_word_pos().to_string()),
+            "settings": settings(args),
         });
         cf_common::record::write_atomic(
             &tmp.join("trainer_state.json"),

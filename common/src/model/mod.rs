@@ -69,6 +69,17 @@ impl Model {
         device: &Device,
     ) -> Result<Model> {
         let (files, cfg, tok, eos_ids) = Model::describe(name)?;
+        if device.is_cpu() {
+            let bytes = cfg.num_params() as f64 * dtype.size_in_bytes() as f64;
+            crate::mem::require(
+                bytes,
+                &format!(
+                    "{}: {} parameters in {dtype:?}",
+                    files.dir.display(),
+                    cfg.num_params()
+                ),
+            )?;
+        }
         let weights = Weights::open(&files.weights, dtype, device)?;
         let decoder = build(&cfg, &weights)?;
         Ok(Model {

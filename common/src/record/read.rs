@@ -74,6 +74,8 @@ pub struct Reader {
     opts: ReadOptions,
     skipped: usize,
     done: bool,
+    /// A record read ahead by [`Reader::peek`].
+    peeked: Option<Option<Result<(Loc, Record)>>>,
 }
 
 /// Open a path (`-` or none for stdin) for reading records.
@@ -97,6 +99,7 @@ pub fn open(path: Option<&str>, opts: ReadOptions) -> Result<Reader> {
                 opts,
                 skipped: 0,
                 done: false,
+                peeked: None,
             })
         }
     }
@@ -142,6 +145,7 @@ fn open_stream(
         opts,
         skipped: 0,
         done: false,
+        peeked: None,
     })
 }
 
@@ -322,10 +326,24 @@ fn kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+impl Reader {
+    /// The next record without taking it (a check before expensive work, e.g. loading a model).
+    pub fn peek(&mut self) -> Option<&Result<(Loc, Record)>> {
+        if self.peeked.is_none() {
+            let next = self.next();
+            self.peeked = Some(next);
+        }
+        self.peeked.as_ref().and_then(|p| p.as_ref())
+    }
+}
+
 impl Iterator for Reader {
     type Item = Result<(Loc, Record)>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(p) = self.peeked.take() {
+            return p;
+        }
         if self.done {
             return None;
         }
