@@ -492,3 +492,34 @@ fn an_interrupted_tool_leaves_no_temporary_files() {
         assert!(!d.path().join("s.jsonl").exists());
     }
 }
+
+#[test]
+fn a_bus_error_under_the_memory_map_is_one_line() {
+    // A file shrinking under cf-mix's memory map raises SIGBUS. The signal is sent here
+    // directly (a truncation race cannot be timed reliably in a test); the handler is the same:
+    // one line, the unfinished output removed, exit 2.
+    let d = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("cf-mix"))
+        .args(["-", "-o", "mix.jsonl"])
+        .current_dir(d.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while temps(d.path()).is_empty() {
+        assert!(t0.elapsed().as_secs() < 30, "no temporary output appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGBUS) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("cf-mix: error: an input file changed while it was being read"),
+        "{err}"
+    );
+    assert!(temps(d.path()).is_empty() && !d.path().join("mix.jsonl").exists());
+}

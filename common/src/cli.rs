@@ -120,6 +120,13 @@ impl LogArgs {
         }
     }
 
+    /// Print a detail to stderr with `-v` (timings, what was loaded, settings resolved).
+    pub fn detail(&self, tool: &str, msg: impl AsRef<str>) {
+        if self.verbose && !self.quiet {
+            eprintln!("{tool}: {}", msg.as_ref());
+        }
+    }
+
     /// Print a warning to stderr unless `-q`.
     pub fn warn(&self, tool: &str, msg: impl AsRef<str>) {
         if !self.quiet {

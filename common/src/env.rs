@@ -2,6 +2,8 @@
 
 /// Number of CPU threads candle may use (falls back to `RAYON_NUM_THREADS`, then all cores).
 pub const CF_THREADS: &str = "CF_THREADS";
+/// Seconds between plain progress lines when stderr is not a terminal (default 30).
+pub const CF_PROGRESS_SECS: &str = "CF_PROGRESS_SECS";
 /// Where Hugging Face cache lookups start (huggingface_hub's own variables, in its order).
 pub const HF_HUB_CACHE: &str = "HF_HUB_CACHE";
 pub const HUGGINGFACE_HUB_CACHE: &str = "HUGGINGFACE_HUB_CACHE";

@@ -104,6 +104,34 @@ fn on_signal(tool: String) {
     });
 }
 
+static SIGBUS_MESSAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    if let Some(m) = SIGBUS_MESSAGE.get() {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe { libc::write(2, m.as_ptr().cast(), m.len()) };
+    }
+    crate::temp::remove_all_now();
+    // SAFETY: as above.
+    unsafe { libc::_exit(2) };
+}
+
+/// A file mapped into memory that shrinks while it is read (another process truncated it)
+/// raises SIGBUS, which would kill the tool with no word. Instead: one line, the unfinished
+/// outputs removed, exit 2.
+pub fn on_sigbus_for_mapped_inputs(tool: &str) {
+    let _ = SIGBUS_MESSAGE.set(format!(
+        "{tool}: error: an input file changed while it was being read (it shrank under its memory map); nothing was written\n"
+    ));
+    // SAFETY: installing a handler that only calls async-signal-safe functions.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
 /// `CF_THREADS`: the CPU threads candle's kernels may use (it reads `RAYON_NUM_THREADS`).
 fn threads_from_env() {
     if let Some(n) = crate::env::var(crate::env::CF_THREADS) {

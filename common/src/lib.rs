@@ -10,6 +10,7 @@ pub mod exit;
 pub mod generate;
 pub mod mem;
 pub mod model;
+pub mod progress;
 pub mod record;
 pub mod temp;
 pub mod tokenizer;

@@ -43,6 +43,15 @@ pub fn remove_all() -> usize {
         .count()
 }
 
+/// [`remove_all`] from a synchronous signal handler (SIGBUS): never waits for the lock.
+pub fn remove_all_now() {
+    if let Ok(l) = LIVE.try_lock() {
+        for p in l.iter() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+        }
+    }
+}
+
 /// The folder an output goes in (`.` for a bare file name).
 pub fn parent_of(dest: &Path) -> PathBuf {
     match dest.parent() {

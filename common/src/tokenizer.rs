@@ -17,8 +17,49 @@ pub struct Tok {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub chat_template: Option<String>,
+    /// Where the chat template came from, for messages: a file, or tokenizer_config.json.
+    pub chat_template_from: String,
     /// Largest id the tokenizer can produce, plus one.
     pub vocab_len: usize,
+    /// Bytes of the longest vocabulary entry (an upper bound on one token's text).
+    pub longest_token: usize,
+}
+
+/// A prefix of `text` of at most `cap` bytes, cut after a whitespace when there is one in its
+/// second half (so the pre-tokenizer splits what is kept as it would split the whole), and
+/// whether anything was cut.
+pub fn cut_right(text: &str, cap: usize) -> (&str, bool) {
+    if text.len() <= cap {
+        return (text, false);
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if let Some(ws) = text[end / 2..end].rfind(char::is_whitespace) {
+        end = end / 2 + ws;
+    }
+    (&text[..end], true)
+}
+
+/// A suffix of `text` of at most `cap` bytes, cut before a whitespace when there is one.
+pub fn cut_left(text: &str, cap: usize) -> (&str, bool) {
+    if text.len() <= cap {
+        return (text, false);
+    }
+    let mut start = text.len() - cap;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let mid = start + (text.len() - start) / 2;
+    let mut mid = mid;
+    while !text.is_char_boundary(mid) {
+        mid += 1;
+    }
+    if let Some(ws) = text[start..mid].find(char::is_whitespace) {
+        start += ws;
+    }
+    (&text[start..], true)
 }
 
 fn read_json(p: &Path) -> Result<Value> {
@@ -64,6 +105,11 @@ impl Tok {
         };
         let bos_id = id(&bos_token, "bos_token")?;
         let eos_id = id(&eos_token, "eos_token")?;
+        let chat_template_from = match (&files.chat_template, &files.tokenizer_config) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(p)) => format!("{} (chat_template)", p.display()),
+            (None, None) => files.dir.display().to_string(),
+        };
         let chat_template = match &files.chat_template {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -85,15 +131,30 @@ impl Tok {
             .map(|&i| i as usize + 1)
             .max()
             .unwrap_or(0);
+        let longest_token = inner
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.len())
+            .max()
+            .unwrap_or(1);
         Ok(Tok {
+            longest_token,
             inner,
             bos_id,
             eos_id,
             bos_token,
             eos_token,
             chat_template,
+            chat_template_from,
             vocab_len,
         })
+    }
+
+    /// Bytes of text that certainly hold the first (or last) `tokens` tokens, with a margin:
+    /// texts are cut to this before tokenizing, so memory per record is bounded (the tokenizer
+    /// takes ~200 bytes of memory per byte of input).
+    pub fn byte_cap(&self, tokens: usize) -> usize {
+        (tokens + 16).saturating_mul(self.longest_token.max(4) * 4) + (1 << 16)
     }
 
     /// The token a context-free sample starts from: BOS, else EOS (lm-evaluation-harness's

@@ -8,6 +8,7 @@ use crate::Args;
 use anyhow::{anyhow, bail, Context, Result};
 use cf_common::generate::{generate, sample_rng, SamplingParams};
 use cf_common::model::{Mode, Model};
+use cf_common::progress::Progress;
 use cf_common::record::{write_atomic, Output, Record, Writer};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -44,6 +45,7 @@ fn multiple_choice(
     name: &str,
     docs: &[McDoc],
     samples: &mut Vec<Record>,
+    progress: &Progress,
 ) -> Result<Map<String, Value>> {
     let (mut acc, mut acc_norm, mut acc_bytes) = (Vec::new(), Vec::new(), Vec::new());
     for (i, d) in docs.iter().enumerate() {
@@ -81,6 +83,7 @@ fn multiple_choice(
         r.insert("acc".into(), json!(acc[i]));
         r.insert("acc_norm".into(), json!(acc_norm[i]));
         samples.push(r);
+        progress.inc(1);
     }
     let mut m = Map::new();
     put(&mut m, "acc", "none", &acc);
@@ -94,6 +97,7 @@ fn perplexity(
     name: &str,
     docs: &[PplDoc],
     samples: &mut Vec<Record>,
+    progress: &Progress,
 ) -> Result<Map<String, Value>> {
     let (mut ll, mut toks, mut words, mut bytes) = (0.0, 0usize, 0usize, 0usize);
     for (i, d) in docs.iter().enumerate() {
@@ -115,6 +119,7 @@ fn perplexity(
         r.insert("words".into(), json!(w));
         r.insert("bytes".into(), json!(b));
         samples.push(r);
+        progress.inc(1);
     }
     let mut m = Map::new();
     let mut put_ppl = |k: &str, v: f64| {
@@ -172,7 +177,8 @@ fn gen_prompt(args: &Args, model: &Model, shots: &[(&GenDoc, &str)], d: &GenDoc)
             true,
             model.tok.bos_token.as_deref(),
             model.tok.eos_token.as_deref(),
-        )?
+        )
+        .with_context(|| model.tok.chat_template_from.clone())?
     } else {
         let mut t = String::new();
         for (q, a) in shots {
@@ -195,6 +201,7 @@ fn generative(
     docs: &[GenDoc],
     mut fewshot: Option<FewShot>,
     samples: &mut Vec<Record>,
+    progress: &Progress,
 ) -> Result<Map<String, Value>> {
     let model = sc.model;
     let (t, top_p) = sampling(args);
@@ -306,6 +313,7 @@ fn generative(
         r.insert("correct_flexible".into(), json!(cfl));
         r.insert("correct_cf".into(), json!(cc));
         samples.push(r);
+        progress.inc(1);
     }
     let mut m = Map::new();
     put(&mut m, "exact_match", "strict-match", &strict_acc);
@@ -542,7 +550,12 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
+    let load_t0 = std::time::Instant::now();
     let model = Model::load(&args.model.model, dtype, &device, Mode::Infer)?;
+    args.log.detail(
+        TOOL,
+        model.describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),
+    );
     let sc = Scorer {
         model: &model,
         add_bos: args.add_bos_token,
@@ -554,6 +567,17 @@ pub fn run(args: &Args) -> Result<()> {
     let mut samples = Vec::new();
     for (name, preset, path, task) in &loaded {
         let t0 = std::time::Instant::now();
+        let total = match task {
+            Task::MultipleChoice(d) => d.len(),
+            Task::Perplexity(d) => d.len(),
+            Task::Generative(d) => d.len(),
+        };
+        let progress = Progress::new(
+            TOOL,
+            &format!("{name} documents"),
+            Some(total as u64),
+            &args.log,
+        );
         let shots = match (task, &fewshot_pool) {
             (Task::Generative(_), Some(_)) => args.num_fewshot,
             _ => 0,
@@ -562,12 +586,12 @@ pub fn run(args: &Args) -> Result<()> {
             Task::MultipleChoice(d) => (
                 "multiple_choice",
                 d.len(),
-                multiple_choice(&sc, name, d, &mut samples)?,
+                multiple_choice(&sc, name, d, &mut samples, &progress)?,
             ),
             Task::Perplexity(d) => (
                 "loglikelihood_rolling",
                 d.len(),
-                perplexity(&sc, name, d, &mut samples)?,
+                perplexity(&sc, name, d, &mut samples, &progress)?,
             ),
             Task::Generative(d) => {
                 let fs = fewshot_pool
@@ -581,10 +605,20 @@ pub fn run(args: &Args) -> Result<()> {
                 (
                     "generate_until",
                     d.len(),
-                    generative(args, &sc, name, preset.as_deref(), d, fs, &mut samples)?,
+                    generative(
+                        args,
+                        &sc,
+                        name,
+                        preset.as_deref(),
+                        d,
+                        fs,
+                        &mut samples,
+                        &progress,
+                    )?,
                 )
             }
         };
+        progress.finish();
         args.log.info(
             TOOL,
             format!(

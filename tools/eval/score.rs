@@ -62,6 +62,9 @@ impl Scorer<'_> {
     /// starts with the BOS text, else as `add_bos_token` says; then the last `keep` tokens.
     pub fn prompt_ids(&self, s: &str, keep: usize) -> Result<Vec<u32>> {
         let tok = &self.model.tok;
+        // Only the last `keep` tokens are used: a huge prompt is cut from the left first, so
+        // memory stays bounded (the tokenizer takes ~200 bytes per byte of input).
+        let s = cf_common::tokenizer::cut_left(s, tok.byte_cap(keep)).0;
         let ids = match tok.bos_token.as_deref() {
             Some(b) if !b.is_empty() && s.starts_with(b) => tok.encode(s, false)?,
             _ => self.encode_special(s, self.add_bos)?,
@@ -80,6 +83,9 @@ impl Scorer<'_> {
                 _ => (vec![p], c),
             });
         }
+        // Only the last max_len + 1 tokens are scored: a huge context is cut from the left
+        // first (far beyond what is kept), so memory stays bounded.
+        let ctx = cf_common::tokenizer::cut_left(ctx, self.model.tok.byte_cap(self.max_len + 1)).0;
         let trimmed = ctx.trim_end_matches(py_space);
         let (ctx, cont) = (trimmed, format!("{}{cont}", &ctx[trimmed.len()..]));
         let whole = self.tok_encode(&format!("{ctx}{cont}"))?;

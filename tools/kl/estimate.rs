@@ -101,12 +101,14 @@ pub fn run(
     let (mut seq, mut tok) = (Stat::default(), Stat::default());
     let (mut tokens, mut truncated, mut biased) = (0usize, 0usize, 0usize);
     let t0 = Instant::now();
+    let progress = cf_common::progress::Progress::new("cf-kl", "records", None, &args.log);
     let (mut batch, mut items): (Vec<(Loc, Record)>, Vec<Item>) = (Vec::new(), Vec::new());
     let mut flush = |batch: &mut Vec<(Loc, Record)>, items: &mut Vec<Item>| -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let scores = scorer.score(items)?;
+        progress.inc(batch.len() as u64);
         for ((loc, mut rec), (s, it)) in
             batch.drain(..).zip(scores.into_iter().zip(items.drain(..)))
         {
@@ -154,6 +156,8 @@ pub fn run(
         }
     }
     flush(&mut batch, &mut items)?;
+    drop(flush);
+    progress.finish();
     if seq.n == 0.0 {
         bail!("{}: no samples to score", reader.name());
     }

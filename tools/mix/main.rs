@@ -96,7 +96,10 @@ enum By {
 }
 
 fn main() -> ExitCode {
-    cf_common::exit::run_main("cf-mix", || run(cf_common::exit::parse::<Args>()?))
+    cf_common::exit::run_main("cf-mix", || {
+        cf_common::exit::on_sigbus_for_mapped_inputs("cf-mix");
+        run(cf_common::exit::parse::<Args>()?)
+    })
 }
 
 fn run(args: Args) -> Result<()> {
@@ -148,6 +151,19 @@ fn run(args: Args) -> Result<()> {
         .into_iter()
         .map(|s| Source::index(s, tok.as_ref(), need_tokens, args.skip_bad))
         .collect::<Result<Vec<_>>>()?;
+    for s in &sources {
+        args.log.detail(
+            "cf-mix",
+            format!(
+                "{}: {} records from {}{}",
+                s.spec.label,
+                s.len(),
+                s.spec.path,
+                s.total_tokens()
+                    .map_or(String::new(), |t| format!(", {t} tokens"))
+            ),
+        );
+    }
     let targets = plan::targets(&sources, by_tokens, args.total, args.cap)?;
     let whole = (!by_tokens).then(|| plan::apportion(&targets));
     let takes = sources

@@ -111,10 +111,11 @@ fn chat_ids(model: &Model, messages: &Value, opening: bool) -> Result<Vec<u32>> 
         model.tok.eos_token.as_deref(),
     );
     let text = if opening {
-        cf_common::chat::user_turn_opening(tmpl, bos, eos)?
+        cf_common::chat::user_turn_opening(tmpl, bos, eos)
     } else {
-        cf_common::chat::render(tmpl, messages, true, bos, eos)?
-    };
+        cf_common::chat::render(tmpl, messages, true, bos, eos)
+    }
+    .with_context(|| model.tok.chat_template_from.clone())?;
     // The template writes its own special tokens: never add them again.
     let ids = model.tok.encode(&text, false)?;
     if ids.is_empty() {
@@ -283,16 +284,11 @@ impl Run<'_> {
             &self.model.eos_ids
         };
         let mut writer = Writer::create(output)?.flush_each(true);
-        let bar = if self.log.quiet {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(jobs.range.end - jobs.range.start)
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} samples {msg} [{elapsed} < {eta}]",
-            )
-            .unwrap(),
+        let bar = cf_common::progress::Progress::new(
+            "cf-sample",
+            "samples",
+            Some(jobs.range.end - jobs.range.start),
+            self.log,
         );
         let (t0, mut tokens, mut eos) = (Instant::now(), 0usize, 0usize);
         // Records leave in index order so output bytes do not depend on the batch size.
@@ -341,7 +337,7 @@ impl Run<'_> {
             )?;
             i = j;
         }
-        bar.finish_and_clear();
+        bar.finish();
         let n = writer.count();
         writer.finish()?;
         let secs = t0.elapsed().as_secs_f64();

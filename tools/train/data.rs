@@ -113,9 +113,20 @@ impl Builder<'_> {
         *self.notes.borrow_mut().entry(msg.to_string()).or_default() += 1;
     }
 
+    /// `text` cut to what can hold --max-length tokens (later tokens are truncated anyway), so
+    /// a huge record costs bounded memory.
+    fn bounded<'t>(&self, text: &'t str) -> &'t str {
+        let (t, cut) = cf_common::tokenizer::cut_right(text, self.tok.byte_cap(self.max_length));
+        if cut {
+            self.note("records longer than --max-length were cut before tokenizing");
+        }
+        t
+    }
+
     /// Plain text as the tokenizer encodes it with its special tokens; when it adds none, the
     /// document-start token goes in front.
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let text = self.bounded(text);
         let with = self.tok.encode(text, true)?;
         let without = self.tok.encode(text, false)?;
         if with != without {
@@ -154,11 +165,12 @@ impl Builder<'_> {
             self.tok.bos_token.as_deref(),
             self.tok.eos_token.as_deref(),
         )
+        .with_context(|| self.tok.chat_template_from.clone())
     }
 
     /// A rendered conversation's tokens (the template wrote its special tokens).
     fn chat_ids(&self, text: &str) -> Result<Vec<u32>> {
-        self.tok.encode(text, false)
+        self.tok.encode(self.bounded(text), false)
     }
 
     /// Warn when the template dropped an assistant message's reasoning from the rendering.
@@ -189,7 +201,7 @@ impl Builder<'_> {
         let full = self.render(msgs, false)?;
         self.check_reasoning(msgs, &full.text);
         let markers = cf_common::chat::has_generation_markers(self.template()?);
-        let (ids, offsets) = self.tok.encode_offsets(&full.text, false)?;
+        let (ids, offsets) = self.tok.encode_offsets(self.bounded(&full.text), false)?;
         let mut target = vec![false; ids.len()];
         if markers {
             for (t, &(s, e)) in offsets.iter().enumerate() {

@@ -381,6 +381,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(p) = &args.chat_template {
         tok.chat_template =
             Some(std::fs::read_to_string(p).with_context(|| format!("{p}: cannot read"))?);
+        tok.chat_template_from = p.clone();
     }
     // Data first: bad records fail before any weight is read.
     let mut reader = record::open(
@@ -495,7 +496,15 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
+    let load_t0 = Instant::now();
     let t = trainable(args, &device, dtype, resume_dir.as_deref())?;
+    args.log.detail(
+        TOOL,
+        t.model
+            .describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),
+    );
+    args.log
+        .detail(TOOL, format!("settings: {}", Value::Object(settings(args))));
     let base = if args.exact_kl.is_empty() {
         None
     } else {
@@ -575,6 +584,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let mut num_tokens: u64 = 0;
     let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
+    // A bar on a terminal; in a log, the --log-every lines carry the time left.
+    let progress =
+        cf_common::progress::Progress::with_plain(TOOL, "steps", Some(total), &args.log, false);
+    progress.inc(opt.step);
+    let (run_t0, run_step0) = (Instant::now(), opt.step);
     while opt.step < total {
         if micro >= plan.len() {
             epoch += 1;
@@ -663,8 +677,14 @@ pub fn run(args: &Args) -> Result<()> {
             writeln!(m, "{line}").context("writing metrics")?;
             m.flush()?;
         }
+        progress.inc(1);
+        progress.set_message(format!("loss {loss_sum:.4}"));
         if opt.step % args.log_every.max(1) == 0 || opt.step == total {
-            args.log.info(TOOL, format!("step {}/{total} loss {loss_sum:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tokens/s", opt.step, tokens as f64 / secs.max(1e-9)));
+            let per_step = run_t0.elapsed().as_secs_f64() / (opt.step - run_step0) as f64;
+            let left = per_step * (total - opt.step) as f64;
+            if !args.log.quiet {
+                progress.println(&format!("{TOOL}: step {}/{total} loss {loss_sum:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tokens/s, {left:.0} s left", opt.step, tokens as f64 / secs.max(1e-9)));
+            }
         }
         if args.save_every > 0 && opt.step % args.save_every == 0 && opt.step < total {
             let dir = out.join(format!("checkpoint-{}", opt.step));
@@ -673,6 +693,7 @@ pub fn run(args: &Args) -> Result<()> {
             last_ckpt = Some(dir);
         }
     }
+    progress.finish();
     let ckpt_note = last_ckpt
         .as_ref()
         .map_or("none".to_string(), |p| p.display().to_string());

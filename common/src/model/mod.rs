@@ -28,6 +28,21 @@ pub struct Model {
 }
 
 impl Model {
+    /// One line on what was loaded, for `-v`.
+    pub fn describe_loaded(&self, dtype: DType, device: &Device, secs: f64) -> String {
+        format!(
+            "loaded {} ({}, {} layers, {} parameters, vocabulary {}, context {}) as {dtype:?} on {device:?} in {secs:.1} s",
+            self.files.dir.display(),
+            self.cfg.arch.name(),
+            self.cfg.num_layers,
+            self.cfg.num_params(),
+            self.cfg.vocab_size,
+            self.cfg.max_position_embeddings
+        )
+    }
+}
+
+impl Model {
     /// Load a model folder or a cached model id. Config, weights and tokenizer are checked
     /// against each other before any tensor is read.
     pub fn load(name: &str, dtype: DType, device: &Device, mode: Mode) -> Result<Model> {
