@@ -152,8 +152,9 @@ fn non_finite_weights_are_never_saved() {
         r.stderr.contains("not finite") || r.stderr.contains("the loss is"),
         "{r}"
     );
-    // Whatever checkpoints exist hold only finite weights.
-    for e in std::fs::read_dir(d.path().join("o")).unwrap() {
+    // Whatever checkpoints exist hold only finite weights (a folder with nothing saved in it
+    // is removed again).
+    for e in std::fs::read_dir(d.path().join("o")).into_iter().flatten() {
         let p = e.unwrap().path();
         if p.join("model.safetensors").is_file() {
             let t = candle_core::safetensors::load(
@@ -522,4 +523,134 @@ fn a_bus_error_under_the_memory_map_is_one_line() {
         "{err}"
     );
     assert!(temps(d.path()).is_empty() && !d.path().join("mix.jsonl").exists());
+}
+
+#[test]
+fn a_huge_request_costs_only_the_shard_it_draws() {
+    // 10^12 samples in 10^6 shards: the last shard starts at once (no job list of 10^12).
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("llama");
+    let mut child = Command::new(bin("cf-sample"))
+        .args([
+            "--model",
+            fx.to_str().unwrap(),
+            "-n",
+            "1000000000000",
+            "--shard",
+            "1000000/1000000",
+            "--max-tokens",
+            "2",
+            "-q",
+        ])
+        .current_dir(d.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let rec: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(rec["index"], 999_999_000_000u64);
+}
+
+#[test]
+fn progress_and_verbose_lines() {
+    // stderr is not a terminal here: progress comes as plain lines (every CF_PROGRESS_SECS), and
+    // -v says what was loaded.
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("llama");
+    let mc = root().join("fixtures/eval/mc.jsonl");
+    let r = run_env(
+        "cf-eval",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "--task",
+            mc.to_str().unwrap(),
+            "-v",
+        ],
+        d.path(),
+        None,
+        &[("CF_PROGRESS_SECS", "0")],
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert!(r.stderr.contains("cf-eval: 8/8 mc documents"), "{r}");
+    assert!(r.stderr.contains("left"), "{r}");
+    assert!(
+        r.stderr.contains("cf-eval: loaded") && r.stderr.contains("parameters"),
+        "{r}"
+    );
+    let r = run_env(
+        "cf-eval",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "--task",
+            mc.to_str().unwrap(),
+            "-v",
+        ],
+        d.path(),
+        None,
+        &[("CF_THREADS", "1")],
+    );
+    assert!(r.stderr.contains("(1 threads)"), "CF_THREADS: {r}");
+    let r = run_env(
+        "cf-eval",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "--task",
+            mc.to_str().unwrap(),
+        ],
+        d.path(),
+        None,
+        &[("CF_PROGRESS_SECS", "0")],
+    );
+    assert!(!r.stderr.contains("cf-eval: loaded"), "-v only: {r}");
+    let r = run_env(
+        "cf-eval",
+        &[
+            "--model",
+            fx.to_str().unwrap(),
+            "--task",
+            mc.to_str().unwrap(),
+            "-q",
+        ],
+        d.path(),
+        None,
+        &[("CF_PROGRESS_SECS", "0")],
+    );
+    assert!(r.stderr.is_empty(), "-q: {r}");
+}
+
+#[test]
+fn a_huge_record_is_trained_in_bounded_memory() {
+    // 40 MB of text in one record: the tokenizer alone would take ~8 GB for it. Cut before
+    // tokenizing (only --max-length tokens are kept), the run fits a 3 GB address space.
+    let d = tempfile::tempdir().unwrap();
+    let big = "The cat sees the moon. ".repeat(40_000_000 / 23);
+    std::fs::write(
+        d.path().join("d.jsonl"),
+        json!({"text": big}).to_string() + "\n",
+    )
+    .unwrap();
+    let fx = fixture("llama");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 3000000; exec '{}' --model '{}' d.jsonl -o o --max-steps 1 --max-length 64 -q",
+            bin("cf-train").display(),
+            fx.display()
+        ))
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(d.path().join("o/model.safetensors").is_file());
 }

@@ -4,6 +4,7 @@
 
 mod util;
 
+mod corpus;
 mod decoder;
 mod eval;
 mod examples;

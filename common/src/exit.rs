@@ -45,9 +45,16 @@ pub fn one_line(err: &anyhow::Error) -> String {
 
 /// A clap error as one line: its message without clap's `error: ` prefix, usage block or tips.
 pub fn clap_line(e: &clap::Error) -> String {
+    // The message runs to the first blank line (a missing argument is named on the line after
+    // "the following required arguments were not provided:"); usage and tips follow it.
     let text = e.render().to_string();
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    first.trim().trim_start_matches("error: ").to_string()
+    let msg: Vec<&str> = text
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    msg.join(" ").trim_start_matches("error: ").to_string()
 }
 
 /// Parse the command line. `--help` and `--version` print and exit 0; a bad command line is

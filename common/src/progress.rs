@@ -108,14 +108,15 @@ impl Progress {
                 p.last = Instant::now();
                 let secs = p.t0.elapsed().as_secs_f64().max(1e-9);
                 let rate = p.done as f64 / secs;
-                let left = match p.total {
-                    Some(t) if rate > 0.0 => {
-                        format!("/{t}, {} left", eta(t.saturating_sub(p.done) as f64 / rate))
-                    }
-                    Some(t) => format!("/{t}"),
-                    None => String::new(),
+                let (count, left) = match p.total {
+                    Some(t) if rate > 0.0 => (
+                        format!("{}/{t}", p.done),
+                        format!(", {} left", eta(t.saturating_sub(p.done) as f64 / rate)),
+                    ),
+                    Some(t) => (format!("{}/{t}", p.done), String::new()),
+                    None => (p.done.to_string(), String::new()),
                 };
-                eprintln!("{}: {}{left} {} ({rate:.1}/s)", p.tool, p.done, p.unit);
+                eprintln!("{}: {count} {} ({rate:.1}/s{left})", p.tool, p.unit);
             }
         }
     }

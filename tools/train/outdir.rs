@@ -9,9 +9,28 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// Held for the run's lifetime; dropping it releases the lock.
+/// Held for the run's lifetime; dropping it releases the lock. A folder this run created is
+/// removed again if the run ends before writing anything into it.
 pub struct OutDir {
     _lock: File,
+    dir: PathBuf,
+    created: bool,
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        let only_lock = std::fs::read_dir(&self.dir).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok())
+                .all(|e| e.file_name() == ".cf-train.lock")
+        });
+        if only_lock {
+            let _ = std::fs::remove_file(self.dir.join(".cf-train.lock"));
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
 }
 
 /// Files a finished cf-train run leaves (a model folder or a PEFT adapter).
@@ -37,6 +56,7 @@ fn checkpoints(out: &Path) -> Vec<PathBuf> {
 
 /// Take the folder for this run. `resume`: this run continues what is there.
 pub fn claim(out: &Path, resume: bool, overwrite: bool) -> Result<(OutDir, Vec<String>)> {
+    let created = !out.exists();
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let lock_path = out.join(".cf-train.lock");
     let lock = std::fs::OpenOptions::new()
@@ -53,6 +73,11 @@ pub fn claim(out: &Path, resume: bool, overwrite: bool) -> Result<(OutDir, Vec<S
             lock_path.display()
         );
     }
+    let owned = OutDir {
+        _lock: lock,
+        dir: out.to_path_buf(),
+        created,
+    };
     let mut notes = Vec::new();
     // What a killed run left half-written: nobody else holds the lock, so it is orphaned.
     let mut stale = 0;
@@ -103,5 +128,5 @@ pub fn claim(out: &Path, resume: bool, overwrite: bool) -> Result<(OutDir, Vec<S
             ));
         }
     }
-    Ok((OutDir { _lock: lock }, notes))
+    Ok((owned, notes))
 }

@@ -31,13 +31,18 @@ impl Model {
     /// One line on what was loaded, for `-v`.
     pub fn describe_loaded(&self, dtype: DType, device: &Device, secs: f64) -> String {
         format!(
-            "loaded {} ({}, {} layers, {} parameters, vocabulary {}, context {}) as {dtype:?} on {device:?} in {secs:.1} s",
+            "loaded {} ({}, {} layers, {} parameters, vocabulary {}, context {}) as {dtype:?} on {device:?}{} in {secs:.1} s",
             self.files.dir.display(),
             self.cfg.arch.name(),
             self.cfg.num_layers,
             self.cfg.num_params(),
             self.cfg.vocab_size,
-            self.cfg.max_position_embeddings
+            self.cfg.max_position_embeddings,
+            if device.is_cpu() {
+                format!(" ({} threads)", candle_core::utils::get_num_threads())
+            } else {
+                String::new()
+            }
         )
     }
 }
