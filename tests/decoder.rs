@@ -449,3 +449,165 @@ fn configs_written_by_transformers_5_score_as_transformers_does() {
         }
     }
 }
+
+/// Gradients of Σ w·loss / denom for every parameter, three ways: candle's autograd through
+/// one graph of the plain composition (log-softmax, gather; the exact KL as Σ p₀(log p₀ − log
+/// p)), the chunked vocabulary loss with its own backward, and the same layer by layer with
+/// recomputation (gradient checkpointing).
+fn three_gradients(fam: &str, dtype: DType, kl: bool) -> [HashMap<String, Tensor>; 3] {
+    use cf_common::model::staged;
+    use cf_common::model::vocab_loss::{loss_grad, surrogate, Target};
+    let (cfg, params) = vars(fam, dtype);
+    let d = Decoder::new(&cfg, &as_tensors(&params), dtype, &Device::Cpu, Mode::Train).unwrap();
+    // Another model of the same shapes, so the KL is not zero.
+    let other = if fam == "llama" { "llama3" } else { "llama" };
+    let base = Decoder::new(
+        &cfg,
+        &as_tensors(&vars(other, dtype).1),
+        dtype,
+        &Device::Cpu,
+        Mode::Infer,
+    )
+    .ok()
+    .filter(|b| b.cfg.vocab_size == cfg.vocab_size && b.cfg.hidden_size == cfg.hidden_size);
+    let named: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let (b, l) = (2usize, 40usize);
+    let ids: Vec<u32> = (0..b * l).map(|i| ((i * 37 + 11) % 300) as u32).collect();
+    let ids_t = Tensor::from_vec(ids.clone(), (b, l), &Device::Cpu).unwrap();
+    // Every position but the last predicts the next token; weights vary by row.
+    let rows: Vec<u32> = (0..b)
+        .flat_map(|r| (0..l - 1).map(move |i| (r * l + i) as u32))
+        .collect();
+    let targets: Vec<u32> = rows.iter().map(|&r| ids[r as usize + 1]).collect();
+    let w: Vec<f32> = rows.iter().map(|&r| 0.5 + (r % 3) as f32 * 0.25).collect();
+    let denom = 57.0;
+    let hsz = cfg.hidden_size;
+    let idx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+    let base_h = base.as_ref().map(|bd| {
+        bd.forward_hidden(&ids_t, None)
+            .unwrap()
+            .reshape((b * l, hsz))
+            .unwrap()
+            .index_select(&idx, 0)
+            .unwrap()
+    });
+    let use_kl = kl && base.is_some();
+    // 1. Plain composition.
+    let h = d
+        .forward_hidden(&ids_t, None)
+        .unwrap()
+        .reshape((b * l, hsz))
+        .unwrap()
+        .index_select(&idx, 0)
+        .unwrap();
+    let lp = candle_nn::ops::log_softmax(&d.logits(&h).unwrap(), candle_core::D::Minus1).unwrap();
+    let wt = Tensor::new(w.as_slice(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(lp.dtype())
+        .unwrap();
+    let per_row = if use_kl {
+        let lp0 = candle_nn::ops::log_softmax(
+            &base
+                .as_ref()
+                .unwrap()
+                .logits(base_h.as_ref().unwrap())
+                .unwrap(),
+            candle_core::D::Minus1,
+        )
+        .unwrap();
+        (lp0.exp().unwrap() * (&lp0 - &lp).unwrap())
+            .unwrap()
+            .sum(candle_core::D::Minus1)
+            .unwrap()
+    } else {
+        let tg = Tensor::new(targets.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        lp.gather(&tg, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap()
+    };
+    let loss = ((per_row * wt).unwrap().sum_all().unwrap() / denom).unwrap();
+    let g = loss.backward().unwrap();
+    let mut plain = HashMap::new();
+    staged::add_grads(&mut plain, &named, &g).unwrap();
+    // 2 and 3. Chunked loss, one graph or layer by layer.
+    let run = |ckpt: bool| {
+        let mut acc = HashMap::new();
+        let head = |h: &Tensor| -> anyhow::Result<Tensor> {
+            let hr = h.reshape((b * l, hsz))?.index_select(&idx, 0)?;
+            let target = match (&base, &base_h, use_kl) {
+                (Some(bd), Some(hb), true) => Target::Model {
+                    base: bd,
+                    hidden: hb,
+                },
+                _ => Target::Tokens(&targets),
+            };
+            let lg = loss_grad(&d, &hr, &target, &w, denom, true)?;
+            surrogate(&hr, &lg, Some(d.lm_head()))
+        };
+        staged::backward(&d, &ids_t, head, &named, ckpt, None, &mut acc).unwrap();
+        acc
+    };
+    [plain, run(false), run(true)]
+}
+
+#[test]
+fn chunked_loss_and_checkpointing_give_the_plain_gradients() {
+    // f64: the three agree to 1e-10 (relative to the largest gradient entry): only rounding
+    // differs. f32: within 1e-6 of it. Tied (qwen2) and untied (llama) output weights, OLMo's
+    // clip_qkv, OLMo-2's norms; the NLL and the exact KL to another model.
+    for (fam, kl) in [
+        ("llama", false),
+        ("llama3", true),
+        ("olmo", false),
+        ("olmo2", false),
+        ("qwen2", false),
+        ("llama", true),
+    ] {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-6)] {
+            let [plain, chunked, ckpt] = three_gradients(fam, dtype, kl);
+            assert_eq!(
+                plain.len(),
+                chunked.len(),
+                "{fam}: every parameter has a gradient"
+            );
+            assert_eq!(plain.len(), ckpt.len());
+            for (name, g) in &plain {
+                let g64 = g.to_dtype(DType::F64).unwrap();
+                let scale = g64
+                    .abs()
+                    .unwrap()
+                    .max_keepdim(0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .max(1e-3);
+                for (what, other) in [("chunked", &chunked), ("checkpointed", &ckpt)] {
+                    let d = (&g64 - other[name].to_dtype(DType::F64).unwrap())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert!(
+                        d <= tol * scale,
+                        "{fam} {dtype:?} kl={kl} {what} {name}: |Δ| {d:e} (scale {scale:e})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -500,7 +500,7 @@ fn a_bus_error_under_the_memory_map_is_one_line() {
     // directly (a truncation race cannot be timed reliably in a test); the handler is the same:
     // one line, the unfinished output removed, exit 2.
     let d = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin("cf-mix"))
+    let child = Command::new(bin("cf-mix"))
         .args(["-", "-o", "mix.jsonl"])
         .current_dir(d.path())
         .stdin(Stdio::piped())

@@ -200,9 +200,17 @@ fn run(args: Args) -> Result<()> {
         }
         writer = writer.with_schema(infer.schema());
     }
+    let progress = cf_common::progress::Progress::new(
+        "cf-mix",
+        "records",
+        Some(order.len() as u64),
+        &args.log,
+    );
     for &(si, ri) in &order {
         writer.write(&shape(si as usize, ri)?)?;
+        progress.inc(1);
     }
+    progress.finish();
     let rep = report(&args, &sources, &takes, by_tokens)?;
     let report_tmp = match report_tmp {
         Some(mut t) => {

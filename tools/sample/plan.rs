@@ -125,6 +125,19 @@ fn chat_ids(model: &Model, messages: &Value, opening: bool) -> Result<Vec<u32>> 
 }
 
 fn prompt_prefix(model: &Model, loc: &Loc, rec: &Record) -> Result<Vec<u32>> {
+    // A prompt far longer than the model's context is refused before it is tokenized (the
+    // tokenizer takes ~200 bytes of memory per byte of input).
+    let limit = model.tok.byte_cap(model.cfg.max_position_embeddings);
+    let bytes = rec
+        .get("prompt")
+        .or(rec.get("messages"))
+        .map_or(0, |v| v.to_string().len());
+    if bytes > limit {
+        bail!(
+            "{loc}: a prompt of {bytes} bytes cannot fit the model's {} positions",
+            model.cfg.max_position_embeddings
+        );
+    }
     let got = match (rec.get("prompt"), rec.get("messages")) {
         (Some(Value::String(s)), _) => after_start(model, s).map(|x| x.0),
         (Some(m @ Value::Array(_)), _) | (None, Some(m @ Value::Array(_))) => {
@@ -137,7 +150,6 @@ fn prompt_prefix(model: &Model, loc: &Loc, rec: &Record) -> Result<Vec<u32>> {
     got.with_context(|| loc.to_string())
 }
 
-/// Every sample of the unsharded run, in index order.
 /// The samples to draw: every prompt (or the one start) n times, sample index i taking
 /// prefix i / n. Jobs are made one at a time from the index, so memory follows the samples
 /// this process draws, not -n.

@@ -6,13 +6,13 @@ use crate::optim::{self, AdamW};
 use crate::save::{self, LoraSpec};
 use crate::Args;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use cf_common::model::{Decoder, Lora, Mode, Model, Source};
 use cf_common::record::{self, ReadOptions};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -124,91 +124,6 @@ fn epoch_plan(examples: &[Example], args: &Args, epoch: u64) -> Vec<Vec<usize>> 
         out.push(cur);
     }
     out
-}
-
-/// Per-source sums for reporting: (loss sum, positions).
-type SourceStats = BTreeMap<String, (f64, usize)>;
-
-/// Loss of one micro-batch, already divided by the step's trained-position count `denom`, so
-/// the summed gradients of a step's micro-batches are exactly the gradient of the step's loss.
-fn micro_loss(
-    dec: &Decoder,
-    base: Option<&Decoder>,
-    exs: &[&Example],
-    denom: f64,
-    stats: &mut SourceStats,
-) -> Result<Tensor> {
-    let dev = dec.device().clone();
-    let b = exs.len();
-    let l = exs.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-    let mut ids = vec![0u32; b * l];
-    // (row in the flattened hidden states, target id, weight, example)
-    let (mut nll_rows, mut kl_rows) = (Vec::new(), Vec::new());
-    for (r, e) in exs.iter().enumerate() {
-        ids[r * l..r * l + e.ids.len()].copy_from_slice(&e.ids);
-        for i in 1..e.ids.len() {
-            if e.target[i] {
-                let row = ((r * l + i - 1) as u32, e.ids[i], e.weight, r);
-                if e.exact_kl {
-                    kl_rows.push(row)
-                } else {
-                    nll_rows.push(row)
-                }
-            }
-        }
-    }
-    let ids = Tensor::from_vec(ids, (b, l), &dev)?;
-    let h = dec
-        .forward_hidden(&ids, None)?
-        .reshape((b * l, dec.cfg.hidden_size))?;
-    let mut loss = Tensor::zeros((), DType::F32, &dev)?;
-    // (rows, targets, weights) of a set of trained positions, as tensors.
-    let columns = |rs: &[(u32, u32, f64, usize)]| -> Result<(Tensor, Tensor, Tensor)> {
-        let col = |f: fn(&(u32, u32, f64, usize)) -> u32| {
-            Tensor::new(rs.iter().map(f).collect::<Vec<_>>().as_slice(), &dev)
-        };
-        let w = Tensor::new(
-            rs.iter().map(|x| x.2 as f32).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
-        Ok((col(|x| x.0)?, col(|x| x.1)?, w))
-    };
-    if !nll_rows.is_empty() {
-        let (rows, tg, w) = columns(&nll_rows)?;
-        let lp = dec
-            .target_logprobs(&h.index_select(&rows, 0)?, &tg)?
-            .to_dtype(DType::F32)?;
-        loss = (loss - (&lp * &w)?.sum_all()?)?;
-        for (x, v) in nll_rows.iter().zip(lp.to_vec1::<f32>()?) {
-            let s = stats.entry(exs[x.3].source.clone()).or_default();
-            s.0 -= v as f64;
-            s.1 += 1;
-        }
-    }
-    if !kl_rows.is_empty() {
-        let base = base.ok_or_else(|| anyhow!("internal: exact KL without the original model"))?;
-        let (rows, _, w) = columns(&kl_rows)?;
-        let hb = base
-            .forward_hidden(&ids, None)?
-            .reshape((b * l, base.cfg.hidden_size))?
-            .index_select(&rows, 0)?;
-        let lp0 = candle_nn::ops::log_softmax(&base.logits(&hb)?.to_dtype(DType::F32)?, D::Minus1)?;
-        let lp = candle_nn::ops::log_softmax(
-            &dec.logits(&h.index_select(&rows, 0)?)?
-                .to_dtype(DType::F32)?,
-            D::Minus1,
-        )?;
-        let kl = (lp0.exp()? * (&lp0 - &lp)?)?.sum(D::Minus1)?;
-        loss = (loss + (&kl * &w)?.sum_all()?)?;
-        for (x, v) in kl_rows.iter().zip(kl.to_vec1::<f32>()?) {
-            let s = stats
-                .entry(format!("{} (exact KL)", exs[x.3].source))
-                .or_default();
-            s.0 += v as f64;
-            s.1 += 1;
-        }
-    }
-    Ok((loss / denom)?)
 }
 
 /// The trainable state: parameters by name (full fine-tuning: every weight; LoRA: adapters).
@@ -453,6 +368,10 @@ pub fn run(args: &Args) -> Result<()> {
 
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
+    if let Some(m) = &args.metrics {
+        // Fail now, not after the model is loaded.
+        cf_common::temp::file_beside(Path::new(m)).map(drop)?;
+    }
     let resuming = args.resume || args.resume_from.is_some();
     let (_owned, notes) = crate::outdir::claim(&out, resuming, args.overwrite)?;
     for n in notes {
@@ -604,7 +523,7 @@ pub fn run(args: &Args) -> Result<()> {
             .flat_map(|mb| mb.iter())
             .map(|&i| examples[i].n_targets())
             .sum();
-        let mut stats = SourceStats::new();
+        let mut stats = crate::step::SourceStats::new();
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0.0;
         let mut tokens = 0usize;
@@ -620,27 +539,17 @@ pub fn run(args: &Args) -> Result<()> {
             None => None,
         };
         let dec = step_decoder.as_ref().unwrap_or(&t.model.decoder);
+        let step_fn = crate::step::Step {
+            dec,
+            base: base.as_ref().map(|b| &b.decoder),
+            vars: &t.vars,
+            checkpointing: args.gradient_checkpointing,
+            lora_rng: t.lora_rng.as_ref(),
+        };
         for mb in &mbs {
             let exs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
             tokens += exs.iter().map(|e| e.ids.len()).sum::<usize>();
-            let loss = micro_loss(
-                dec,
-                base.as_ref().map(|b| &b.decoder),
-                &exs,
-                denom as f64,
-                &mut stats,
-            )?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = loss.backward()?;
-            for (name, v) in &t.vars {
-                if let Some(gv) = g.get(v.as_tensor()) {
-                    let acc = match grads.remove(name) {
-                        Some(a) => (a + gv)?,
-                        None => gv.clone(),
-                    };
-                    grads.insert(name.clone(), acc);
-                }
-            }
+            loss_sum += step_fn.run(&exs, denom as f64, &mut stats, &mut grads)?;
         }
         let step = opt.step + 1;
         let ckpt_note = last_ckpt

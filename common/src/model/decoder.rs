@@ -566,6 +566,45 @@ impl Decoder {
         self.norm.forward(&x, self.mode)
     }
 
+    /// Token embeddings (b, t, hidden) of `ids` (b, t): the first stage of [`Self::forward_hidden`].
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?)
+    }
+
+    /// The causal mask of a full (uncached) forward over t positions, if t > 1.
+    pub fn full_mask(&self, t: usize) -> Result<Option<Tensor>> {
+        Ok(if t > 1 {
+            Some(causal_mask(t, 0, upcast(self.dtype), &self.device)?)
+        } else {
+            None
+        })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Decoder layer `i` over a full sequence (no cache): one stage of
+    /// [`Self::forward_hidden`], for recomputation (gradient checkpointing).
+    pub fn block(&self, i: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.blocks[i].forward(x, &self.rope, mask, None, self.mode)
+    }
+
+    /// The final norm: the last stage of [`Self::forward_hidden`].
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x, self.mode)
+    }
+
+    /// The output projection's weight (vocab, hidden): the token embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Logits (…, vocab) in f32 (f64 for an f64 model) for hidden states (…, hidden).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let lin = Linear {

@@ -5,6 +5,8 @@ pub mod config;
 pub mod decoder;
 pub mod files;
 pub mod save;
+pub mod staged;
+pub mod vocab_loss;
 pub mod weights;
 
 pub use config::{Arch, Config};

@@ -1,0 +1,142 @@
+//! The vocabulary-sized losses of training, in chunks of rows with their own backward, so the
+//! [rows, vocab] logits and their gradient never exist for all rows at once (Liger's fused
+//! linear cross-entropy and Apple's Cut Cross-Entropy do this on GPUs; candle has neither).
+//!
+//! For rows h (n, hidden) of the final hidden states and the output weight W (vocab, hidden),
+//! each chunk's logits z = h Wᵀ give, per row r with weight w_r (over the step's `denom`):
+//! - next-token NLL, −log softmax(z)[t]: value, and ∂/∂z = w_r (softmax(z) − onehot(t)) / denom;
+//! - exact KL(p₀ ‖ p_θ) to a frozen model's logits z₀: Σ p₀ (log p₀ − log p_θ), and
+//!   ∂/∂z = w_r (softmax(z) − p₀) / denom.
+//!
+//! Then ∂/∂h = (∂/∂z) W and ∂/∂W = Σ_chunks (∂/∂z)ᵀ h. The caller backpropagates them through the
+//! rest of the graph with the surrogate `Σ h ⊙ ∂/∂h + Σ W ⊙ ∂/∂W`, whose gradient is exactly
+//! the loss's (its value is not the loss; the loss is returned separately).
+
+use super::decoder::Decoder;
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+/// Rows scored together; bounds the logits at CHUNK × vocab floats (64 MB at a 128k vocabulary).
+pub const CHUNK: usize = 128;
+
+/// What each row is trained towards.
+pub enum Target<'a> {
+    /// The next token (ids, one per row).
+    Tokens(&'a [u32]),
+    /// The full next-token distribution of a frozen model, from its hidden states (n, hidden).
+    Model {
+        base: &'a Decoder,
+        hidden: &'a Tensor,
+    },
+}
+
+/// Values per row and the gradients of Σ_r w_r·value_r / denom.
+pub struct LossGrad {
+    /// NLL or KL of each row (unweighted), for reporting.
+    pub values: Vec<f32>,
+    /// ∂/∂h, (n, hidden), in h's dtype.
+    pub grad_hidden: Tensor,
+    /// ∂/∂W, (vocab, hidden) in f32, when `want_weight_grad`.
+    pub grad_weight: Option<Tensor>,
+}
+
+/// The loss's value and gradients for hidden rows `h` (n, hidden; values only, no graph is
+/// kept) of `dec`, row weights `w` and the step's denominator.
+pub fn loss_grad(
+    dec: &Decoder,
+    h: &Tensor,
+    target: &Target,
+    w: &[f32],
+    denom: f64,
+    want_weight_grad: bool,
+) -> Result<LossGrad> {
+    let h = h.detach();
+    let n = h.dim(0)?;
+    let dev = h.device().clone();
+    let lm = dec.lm_head().detach();
+    let cdt = match lm.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
+    let lm_c = lm.to_dtype(cdt)?;
+    let mut values = Vec::with_capacity(n);
+    let mut gh = Vec::new();
+    let mut gw: Option<Tensor> = None;
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        let hc = h.narrow(0, start, len)?.to_dtype(cdt)?;
+        // Logits from detached weights: the gradients computed from them must not carry a
+        // graph back into W (that would add a second-order term to the surrogate).
+        let logits = h
+            .narrow(0, start, len)?
+            .contiguous()?
+            .matmul(&lm.t()?)?
+            .to_dtype(cdt)?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let p = lp.exp()?;
+        let (vals, dz) = match target {
+            Target::Tokens(ids) => {
+                let tg = Tensor::new(&ids[start..start + len], &dev)?.unsqueeze(1)?;
+                let v = lp.gather(&tg, 1)?.squeeze(1)?.neg()?;
+                // softmax − onehot: subtract 1 at each row's target.
+                let onehot = Tensor::zeros_like(&p)?.scatter_add(
+                    &tg,
+                    &Tensor::ones((len, 1), cdt, &dev)?,
+                    1,
+                )?;
+                (v, (p - onehot)?)
+            }
+            Target::Model { base, hidden } => {
+                let lp0 = candle_nn::ops::log_softmax(
+                    &base.logits(&hidden.narrow(0, start, len)?)?.to_dtype(cdt)?,
+                    D::Minus1,
+                )?;
+                let p0 = lp0.exp()?;
+                let v = (&p0 * (&lp0 - &lp)?)?.sum(D::Minus1)?;
+                (v, (p - p0)?)
+            }
+        };
+        values.extend(vals.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        let scale: Vec<f64> = w[start..start + len]
+            .iter()
+            .map(|&x| x as f64 / denom)
+            .collect();
+        let scale = Tensor::new(scale.as_slice(), &dev)?
+            .to_dtype(cdt)?
+            .unsqueeze(1)?;
+        let dz = dz.broadcast_mul(&scale)?;
+        gh.push(dz.matmul(&lm_c)?.to_dtype(h.dtype())?.detach());
+        if want_weight_grad {
+            let g = dz.t()?.matmul(&hc)?.detach();
+            gw = Some(match gw {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+        start += len;
+    }
+    let grad_hidden = if gh.is_empty() {
+        Tensor::zeros((0, h.dim(1)?), h.dtype(), &dev)?
+    } else {
+        Tensor::cat(&gh, 0)?
+    };
+    Ok(LossGrad {
+        values,
+        grad_hidden,
+        grad_weight: gw,
+    })
+}
+
+/// The surrogate whose gradient is the loss's: Σ h ⊙ ∂/∂h (+ Σ W ⊙ ∂/∂W), for `h` and `W`
+/// still attached to the graph.
+pub fn surrogate(h: &Tensor, g: &LossGrad, w: Option<&Tensor>) -> Result<Tensor> {
+    let mut s = (h * &g.grad_hidden)?.sum_all()?.to_dtype(DType::F32)?;
+    if let (Some(w), Some(gw)) = (w, &g.grad_weight) {
+        s = (s
+            + (w * gw.to_dtype(w.dtype())?)?
+                .sum_all()?
+                .to_dtype(DType::F32)?)?;
+    }
+    Ok(s)
+}
