@@ -2,8 +2,10 @@
 //! need no download: config.json, model.safetensors (bf16 or f32) and the project's test
 //! tokenizer (its 320 ids fit any of these vocabularies).
 //!
-//!     cargo run --release --example random_model -- SHAPE DTYPE OUT
+//!     cargo run --release --example random_model -- SHAPE DTYPE OUT [LAYERS]
 //!
+//! LAYERS keeps the shape's widths and vocabulary with fewer layers (memory measurements of
+//! the full shapes on a small machine).
 //! SHAPE: olmo-1b (allenai/OLMo-1B-hf), llama3-8b (Llama-3.1-8B / DeepSeek-R1-Distill-Llama-8B),
 //! small (the ~26M CPU benchmark config). DTYPE: bf16 or f32.
 
@@ -41,14 +43,20 @@ fn config(shape: &str) -> Result<&'static str> {
 
 fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let [shape, dtype, out] = &a[..] else {
-        bail!("usage: random_model SHAPE DTYPE OUT")
+    let (shape, dtype, out, layers) = match &a[..] {
+        [s, d, o] => (s, d, o, None),
+        [s, d, o, l] => (s, d, o, Some(l.parse::<usize>()?)),
+        _ => bail!("usage: random_model SHAPE DTYPE OUT [LAYERS]"),
     };
     let dtype = cf_common::cli::parse_dtype(dtype)?;
     let out = Path::new(out);
     std::fs::create_dir_all(out)?;
-    let text = config(shape)?;
-    let cfg = Config::parse(text)?;
+    let mut cfg_json: serde_json::Value = serde_json::from_str(config(shape)?)?;
+    if let Some(l) = layers {
+        cfg_json["num_hidden_layers"] = serde_json::json!(l);
+    }
+    let text = cfg_json.to_string();
+    let cfg = Config::parse(&text)?;
     let mut tensors = HashMap::new();
     for (name, shape) in Decoder::parameter_shapes(&cfg) {
         let t = if name.ends_with("norm.weight") {
@@ -60,7 +68,6 @@ fn main() -> Result<()> {
         tensors.insert(name, t.to_dtype(dtype)?);
     }
     save_safetensors(&tensors, &out.join("model.safetensors"))?;
-    let mut cfg_json: serde_json::Value = serde_json::from_str(text)?;
     cfg_json["torch_dtype"] = serde_json::json!(if dtype == DType::BF16 {
         "bfloat16"
     } else {

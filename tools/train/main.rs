@@ -3,6 +3,7 @@
 mod data;
 mod optim;
 mod outdir;
+mod plan;
 mod save;
 mod step;
 mod trainer;
@@ -189,6 +190,12 @@ pub struct Args {
     /// blocks, whose output alone is trained, as TRL's assistant_only_loss).
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<String>,
+
+    /// Print the predicted peak memory and its parts (JSON on stdout, a table on stderr) for
+    /// these flags, reading config.json only (no weights, no data); the micro-batch is taken
+    /// at its largest: --batch-size sequences of --max-length tokens (or --batch-tokens).
+    #[arg(long)]
+    pub plan: bool,
 
     /// Recompute each decoder layer in the backward pass instead of keeping its activations
     /// (transformers' name): one layer's activations live at a time, for about a third more

@@ -290,6 +290,28 @@ fn fingerprint(examples: &[Example]) -> String {
 
 pub fn run(args: &Args) -> Result<()> {
     validate(args)?;
+    if args.plan {
+        // config.json only: a folder of just a config (a model not downloaded yet) is enough.
+        let direct = Path::new(&args.model.model).join("config.json");
+        let cfg = if direct.is_file() {
+            cf_common::model::Config::load(&direct)?
+        } else {
+            cf_common::model::Config::load(
+                &cf_common::model::ModelFiles::locate(&args.model.model)?.config,
+            )?
+        };
+        let parts = crate::plan::plan(args, &cfg)?;
+        if !args.log.quiet {
+            crate::plan::print_table(&parts);
+        }
+        let mut so = cf_common::exit::stdout()?.lock();
+        writeln!(
+            so,
+            "{}",
+            serde_json::to_string_pretty(&crate::plan::report(args, &cfg, &parts))?
+        )?;
+        return Ok(());
+    }
     let weights = cf_common::cli::loss_weights(&args.weight)?;
     let out = PathBuf::from(&args.output);
     let (_files, cfg, mut tok, eos_ids) = Model::describe(&args.model.model)?;

@@ -310,6 +310,27 @@ impl Attention {
             None => (k.contiguous()?, v),
         };
         let len = k.dim(2)?;
+        if mode == Mode::Train && x.device().is_cpu() && mask.is_some() && offset == 0 {
+            // Training on the CPU: attention that keeps no (heads × t × t) probabilities for
+            // the backward pass (super::attention), keys and values repeated per query head.
+            let n_rep = self.heads / kvh;
+            let rep = |x: Tensor| -> Result<Tensor> {
+                if n_rep == 1 {
+                    return Ok(x);
+                }
+                Ok(x.unsqueeze(2)?
+                    .expand((b, kvh, n_rep, len, hd))?
+                    .reshape((b, self.heads, len, hd))?)
+            };
+            let out = super::attention::causal_attention(
+                &q,
+                &rep(k)?,
+                &rep(v)?,
+                1.0 / (hd as f64).sqrt(),
+            )?
+            .transpose(1, 2)?;
+            return self.o.forward(&out.reshape((b, t, self.heads * hd))?);
+        }
         // Grouped-query attention without copying keys: the n_rep query heads that share a
         // key/value head are stacked along the query axis.
         let n_rep = self.heads / kvh;

@@ -1,6 +1,7 @@
 //! Models: Hugging Face folders (config.json, safetensors, tokenizer files) and the one
 //! Llama-family decoder.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod files;

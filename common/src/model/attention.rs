@@ -1,0 +1,164 @@
+//! Causal attention for training that never holds the (heads × T × T) probabilities: the
+//! forward pass runs in blocks of queries, and its backward pass (a candle `CustomOp3`, since
+//! candle has no attention with a backward) recomputes each block's probabilities and applies
+//! the softmax backward there, as FlashAttention does:
+//!
+//!   P = softmax(Q Kᵀ·s + causal mask), O = P V;
+//!   dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = dS K·s, dK = dSᵀ Q·s.
+//!
+//! Memory per layer: a block of BLOCK × T scores instead of several T × T copies. Scores and
+//! softmax are computed in f32 (f64 for f64 inputs), as the plain path does. CPU only: on CUDA
+//! the decoder keeps the plain composition.
+
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+
+/// Queries per block.
+const BLOCK: usize = 256;
+
+struct CausalAttention {
+    scale: f64,
+}
+
+fn wide(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Additive causal mask for queries q0..q0+n over keys 0..t.
+fn mask(
+    q0: usize,
+    n: usize,
+    t: usize,
+    dt: DType,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let m: Vec<f32> = (0..n)
+        .flat_map(|i| (0..t).map(move |j| if j <= q0 + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(m, (n, t), dev)?.to_dtype(dt)
+}
+
+/// Probabilities of a block of queries `qb` (b, h, n, d) starting at q0 against `k`.
+fn probs(qb: &Tensor, k: &Tensor, q0: usize, scale: f64) -> candle_core::Result<Tensor> {
+    let (n, t) = (qb.dim(2)?, k.dim(2)?);
+    let s = (qb.matmul(&k.t()?)? * scale)?;
+    let s = s.broadcast_add(&mask(q0, n, t, s.dtype(), qb.device())?)?;
+    candle_nn::ops::softmax_last_dim(&s)
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dt = q.dtype();
+    let w = wide(dt);
+    let (q, k, v) = (q.to_dtype(w)?, k.to_dtype(w)?, v.to_dtype(w)?);
+    let t = q.dim(2)?;
+    let mut out = Vec::new();
+    let mut q0 = 0;
+    while q0 < t {
+        let n = BLOCK.min(t - q0);
+        let qb = q.narrow(2, q0, n)?;
+        out.push(probs(&qb, &k, q0, scale)?.matmul(&v)?);
+        q0 += n;
+    }
+    Tensor::cat(&out, 2)?.to_dtype(dt)
+}
+
+fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let t = Tensor::from_storage(
+        Storage::Cpu(s.clone()),
+        l.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    // The op is applied to contiguous inputs; honour a start offset all the same.
+    if l.is_contiguous() && l.start_offset() == 0 {
+        Ok(t)
+    } else {
+        Err(candle_core::Error::Msg(
+            "attention: inputs must be contiguous".into(),
+        ))
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "cf-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
+        let o = forward(&q, &k, &v, self.scale)?.contiguous()?;
+        let shape = o.shape().clone();
+        let (st, _) = o.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), shape)),
+            _ => Err(candle_core::Error::Msg("attention: not on the CPU".into())),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad_o: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dt = q.dtype();
+        let w = wide(dt);
+        let (q, k, v, o, go) = (
+            q.detach().to_dtype(w)?,
+            k.detach().to_dtype(w)?,
+            v.detach().to_dtype(w)?,
+            o.detach().to_dtype(w)?,
+            grad_o.detach().to_dtype(w)?,
+        );
+        let t = q.dim(2)?;
+        let mut dq = Vec::new();
+        let mut dk = Tensor::zeros_like(&k)?;
+        let mut dv = Tensor::zeros_like(&v)?;
+        let mut q0 = 0;
+        while q0 < t {
+            let n = BLOCK.min(t - q0);
+            let (qb, ob, gob) = (
+                q.narrow(2, q0, n)?,
+                o.narrow(2, q0, n)?,
+                go.narrow(2, q0, n)?,
+            );
+            let p = probs(&qb, &k, q0, self.scale)?;
+            dv = (dv + p.t()?.matmul(&gob)?)?;
+            let dp = gob.matmul(&v.t()?)?;
+            let rows = (&gob * &ob)?.sum_keepdim(D::Minus1)?;
+            let ds = (p * dp.broadcast_sub(&rows)?)?;
+            dq.push((ds.matmul(&k)? * self.scale)?);
+            dk = (dk + (ds.t()?.matmul(&qb)? * self.scale)?)?;
+            q0 += n;
+        }
+        Ok((
+            Some(Tensor::cat(&dq, 2)?.to_dtype(dt)?),
+            Some(dk.to_dtype(dt)?),
+            Some(dv.to_dtype(dt)?),
+        ))
+    }
+}
+
+/// softmax(q kᵀ·scale + causal mask) v for q, k, v (b, heads, t, head_dim), differentiable,
+/// without keeping the probabilities.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        CausalAttention { scale },
+    )?)
+}

@@ -1,0 +1,231 @@
+//! `cf-train --plan`: the peak memory a run will need, from config.json and the flags alone
+//! (no weights, no data), in parts. The model follows what cf-train allocates:
+//!
+//! - weights: full fine-tuning keeps f32 master weights (and, with `--dtype bf16`, a bf16 copy
+//!   rebuilt each step); LoRA keeps the frozen base in the compute dtype and f32 adapters;
+//!   `--exact-kl` adds a frozen copy of the original in the compute dtype;
+//! - gradients: f32, one per trainable weight (plus, for a bf16 forward, the bf16 gradients of
+//!   the cast weights; for LoRA without checkpointing, the gradients candle computes for the
+//!   frozen base weights, which live until the backward pass ends);
+//! - optimizer: AdamW's two f32 moments per trainable weight;
+//! - activations: what one decoder layer keeps for its backward pass (norms, projections,
+//!   rotary temporaries, the attention scores and their softmax, the MLP), for every layer, or
+//!   with `--gradient-checkpointing` each layer's input plus one layer's graph;
+//! - loss: one chunk of logits and their gradient, the output weight's f32 gradient.
+//!
+//! The per-layer count is the code's own, scaled by a factor measured on CPU (see the README's
+//! memory table: predicted against measured peak anonymous memory).
+
+use crate::Args;
+use anyhow::Result;
+use cf_common::model::vocab_loss::CHUNK;
+use cf_common::model::Config;
+use serde_json::{json, Value};
+
+/// Measured over the code's own count of what a layer keeps for its backward pass: its
+/// projections and norms (the count leaves out reshapes made contiguous) and its attention
+/// scores (counted as six score-sized copies); fitted on CPU runs of the small benchmark model
+/// (scripts/bench_train_memory.sh) and checked on other shapes.
+const LINEAR_FACTOR: f64 = 1.26;
+const ATTENTION_FACTOR: f64 = 1.23;
+/// The backward pass of one layer holds gradients of its attention scores on top.
+const BACKWARD_ATTENTION: f64 = 1.06;
+/// The process itself: runtime, tokenizer, thread stacks.
+const OVERHEAD: f64 = 10e6;
+
+pub struct Part {
+    pub name: &'static str,
+    pub bytes: f64,
+    pub note: String,
+}
+
+fn targets_of(args: &Args) -> Vec<String> {
+    if args.lora_targets.iter().any(|t| t == "all") {
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        args.lora_targets.clone()
+    }
+}
+
+pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
+    let dt = match args.model.dtype.as_deref() {
+        Some(d) => cf_common::cli::parse_dtype(d)?.size_in_bytes() as f64,
+        None => 4.0,
+    };
+    let (h, i, v, l) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+        cfg.num_layers as f64,
+    );
+    let (heads, q, kv) = (
+        cfg.num_heads as f64,
+        (cfg.num_heads * cfg.head_dim) as f64,
+        (cfg.num_kv_heads * cfg.head_dim) as f64,
+    );
+    let t = args.max_length as f64;
+    let b = match args.batch_tokens {
+        Some(bt) => (bt as f64 / t).floor().max(1.0),
+        None => args.batch_size as f64,
+    };
+    let n = b * t;
+    let p = cfg.num_params() as f64;
+    let embed = v * h * if cfg.tie_word_embeddings { 1.0 } else { 2.0 };
+    let layer_params = (p - embed) / l.max(1.0);
+    let ckpt = args.gradient_checkpointing;
+    let mut parts = Vec::new();
+    let mut part =
+        |name: &'static str, bytes: f64, note: String| parts.push(Part { name, bytes, note });
+    // Trainable parameters.
+    let (trainable, lora_act) = match args.lora_rank {
+        None => (p, 0.0),
+        Some(r) => {
+            let r = r as f64;
+            let dims = |m: &str| match m {
+                "q_proj" => (h, q),
+                "k_proj" | "v_proj" => (h, kv),
+                "o_proj" => (q, h),
+                "gate_proj" | "up_proj" => (h, i),
+                _ => (i, h),
+            };
+            let (mut params, mut act) = (0.0, 0.0);
+            for m in targets_of(args) {
+                let (inp, out) = dims(&m);
+                params += r * (inp + out);
+                // x·Aᵀ (n·r) and, with dropout, the mask and the dropped input (n·in each).
+                act += n * r * 4.0
+                    + if args.lora_dropout > 0.0 {
+                        2.0 * n * inp * dt
+                    } else {
+                        0.0
+                    };
+            }
+            (params * l, act)
+        }
+    };
+    match args.lora_rank {
+        None => {
+            part("weights", 4.0 * p, format!("{p:.0} f32 master weights"));
+            if dt < 4.0 {
+                part("weights (compute copy)", dt * p, "cast every step".into());
+            }
+        }
+        Some(_) => {
+            part("weights", dt * p, format!("{p:.0} frozen base weights"));
+            part(
+                "weights (adapters)",
+                4.0 * trainable,
+                format!("{trainable:.0} LoRA parameters"),
+            );
+        }
+    }
+    if !args.exact_kl.is_empty() {
+        part(
+            "weights (original, --exact-kl)",
+            dt * p,
+            "frozen copy".into(),
+        );
+    }
+    let mut grads = 4.0 * trainable;
+    let mut gnote = "f32, one per trainable weight".to_string();
+    if args.lora_rank.is_none() && dt < 4.0 {
+        grads += dt * if ckpt { layer_params } else { p };
+        gnote.push_str(", and of the compute copy");
+    }
+    if args.lora_rank.is_some() {
+        grads += dt * if ckpt { layer_params } else { layer_params * l };
+        gnote.push_str(if ckpt {
+            ", and one layer's frozen weights' (computed by candle, dropped at once)"
+        } else {
+            ", and every frozen weight's (candle computes them; --gradient-checkpointing keeps one layer's)"
+        });
+    }
+    part("gradients", grads, gnote);
+    part("optimizer", 8.0 * trainable, "AdamW moments, f32".into());
+    // One layer's saved tensors (the code's count; see decoder.rs).
+    let linear = 9.0 * n * h + 8.0 * n * (q + 2.0 * kv) + 2.0 * n * q + 4.0 * n * i;
+    let scores = b * heads * t * t;
+    let attn = if dt < 4.0 {
+        2.0 * scores * dt + 4.0 * scores * 4.0
+    } else {
+        6.0 * scores * 4.0
+    };
+    let one_layer = LINEAR_FACTOR * linear * dt + ATTENTION_FACTOR * attn + lora_act;
+    let backward = BACKWARD_ATTENTION * attn;
+    let (acts, anote) = if ckpt {
+        (
+            l * n * h * dt + one_layer + backward,
+            format!(
+                "{l:.0} layer inputs + one layer's graph ({:.2} GB) and its backward ({:.2} GB)",
+                one_layer / 1e9,
+                backward / 1e9
+            ),
+        )
+    } else {
+        (
+            l * one_layer + backward,
+            format!(
+                "{l:.0} layers × {:.2} GB, and one layer's backward ({:.2} GB)",
+                one_layer / 1e9,
+                backward / 1e9
+            ),
+        )
+    };
+    part("activations", acts, anote);
+    let chunk = (CHUNK as f64).min(n);
+    let head_trainable = args.lora_rank.is_none();
+    let loss =
+        6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + if head_trainable { 4.0 * v * h } else { 0.0 };
+    part(
+        "loss",
+        loss,
+        format!("{CHUNK} rows of {v:.0} logits at a time"),
+    );
+    part("overhead", OVERHEAD, "runtime, tokenizer".into());
+    Ok(parts)
+}
+
+pub fn report(args: &Args, cfg: &Config, parts: &[Part]) -> Value {
+    let peak: f64 = parts.iter().map(|p| p.bytes).sum();
+    let mut table = serde_json::Map::new();
+    for p in parts {
+        let e = table
+            .entry(p.name.split(' ').next().unwrap_or(p.name).to_string())
+            .or_insert(json!(0.0));
+        *e = json!(e.as_f64().unwrap_or(0.0) + p.bytes);
+    }
+    json!({
+        "peak_bytes": peak.round() as u64,
+        "parts": table.into_iter().map(|(k, v)| (k, json!(v.as_f64().unwrap_or(0.0).round() as u64))).collect::<serde_json::Map<_, _>>(),
+        "model": args.model.model,
+        "parameters": cfg.num_params(),
+        "layers": cfg.num_layers,
+        "tokens_per_micro_batch": args.max_length * args.batch_tokens.map_or(args.batch_size, |bt| (bt / args.max_length).max(1)),
+        "lora_rank": args.lora_rank,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": args.model.dtype.clone().unwrap_or("f32".into()),
+    })
+}
+
+pub fn print_table(parts: &[Part]) {
+    let peak: f64 = parts.iter().map(|p| p.bytes).sum();
+    for p in parts {
+        eprintln!(
+            "cf-train: {:<32} {:>9.2} GB  {}",
+            p.name,
+            p.bytes / 1e9,
+            p.note
+        );
+    }
+    eprintln!("cf-train: {:<32} {:>9.2} GB", "peak", peak / 1e9);
+}
