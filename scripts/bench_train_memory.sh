@@ -44,7 +44,7 @@ run small 8 256
 run small 8 256 --gradient-checkpointing
 run small 2 512
 run small 2 512 --gradient-checkpointing
-run small 1 2048 --gradient-checkpointing
+run olmo-1b-2l 1 2048 --gradient-checkpointing
 run olmo-1b-2l 1 512
 run olmo-1b-2l 1 1024 --gradient-checkpointing
 run llama3-8b-2l 1 512 --gradient-checkpointing --lora-rank 16 --lora-targets all

@@ -1078,3 +1078,73 @@ fn gradient_checkpointing_keeps_every_reference() {
         }
     }
 }
+
+#[test]
+fn plan_predicts_from_the_config_alone() {
+    // A folder with only config.json (an 8B model not downloaded): --plan reads nothing else,
+    // prints the parts as JSON on stdout and a table on stderr; checkpointing lowers the
+    // activations and nothing else; the parts add up to peak_bytes.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("m")).unwrap();
+    std::fs::write(
+        d.path().join("m/config.json"),
+        json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "max_position_embeddings": 8192, "tie_word_embeddings": false}).to_string(),
+    )
+    .unwrap();
+    let plan = |extra: &[&str]| -> (Value, String) {
+        let mut a = vec![
+            "--model",
+            "m",
+            "x.jsonl",
+            "-o",
+            "o",
+            "--plan",
+            "--dtype",
+            "bf16",
+            "--max-length",
+            "2048",
+            "--batch-size",
+            "1",
+            "--lora-rank",
+            "16",
+            "--lora-targets",
+            "all",
+        ];
+        a.extend_from_slice(extra);
+        let r = run("cf-train", &a, d.path(), None);
+        assert_eq!(r.code, 0, "{r}");
+        (serde_json::from_str(&r.stdout).unwrap(), r.stderr)
+    };
+    let (p, table) = plan(&[]);
+    let (c, _) = plan(&["--gradient-checkpointing"]);
+    assert!(
+        table.contains("activations") && table.contains("peak"),
+        "{table}"
+    );
+    let sum: u64 = p["parts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(
+        (sum as i64 - p["peak_bytes"].as_i64().unwrap()).abs() <= 8,
+        "{p}"
+    );
+    let part = |v: &Value, k: &str| v["parts"][k].as_u64().unwrap();
+    assert!(part(&c, "activations") * 4 < part(&p, "activations"));
+    assert!(
+        part(&c, "gradients") < part(&p, "gradients"),
+        "frozen weights' gradients: one layer at a time"
+    );
+    assert_eq!(part(&c, "weights"), part(&p, "weights"));
+    assert_eq!(part(&c, "optimizer"), part(&p, "optimizer"));
+    // The 8B model's bf16 base weights alone: 2 bytes × 8.03e9.
+    assert!(
+        (part(&p, "weights") as f64 / 16.06e9 - 1.0).abs() < 0.02,
+        "{p}"
+    );
+    assert!(!d.path().join("o").exists(), "--plan writes nothing");
+}

@@ -1,8 +1,11 @@
 //! cf-train: fine-tune without forgetting.
 
+mod batch;
+mod checkpoint;
 mod data;
 mod optim;
 mod outdir;
+mod params;
 mod plan;
 mod save;
 mod step;

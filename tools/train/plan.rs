@@ -9,8 +9,9 @@
 //!   frozen base weights, which live until the backward pass ends);
 //! - optimizer: AdamW's two f32 moments per trainable weight;
 //! - activations: what one decoder layer keeps for its backward pass (norms, projections,
-//!   rotary temporaries, the attention scores and their softmax, the MLP), for every layer, or
-//!   with `--gradient-checkpointing` each layer's input plus one layer's graph;
+//!   rotary temporaries, repeated keys and values, the MLP; attention keeps no probabilities),
+//!   for every layer, or with `--gradient-checkpointing` each layer's input plus one layer's
+//!   graph; and one block of attention scores being computed;
 //! - loss: one chunk of logits and their gradient, the output weight's f32 gradient.
 //!
 //! The per-layer count is the code's own, scaled by a factor measured on CPU (see the README's
@@ -22,16 +23,15 @@ use cf_common::model::vocab_loss::CHUNK;
 use cf_common::model::Config;
 use serde_json::{json, Value};
 
-/// Measured over the code's own count of what a layer keeps for its backward pass: its
-/// projections and norms (the count leaves out reshapes made contiguous) and its attention
-/// scores (counted as six score-sized copies); fitted on CPU runs of the small benchmark model
-/// (scripts/bench_train_memory.sh) and checked on other shapes.
-const LINEAR_FACTOR: f64 = 1.26;
-const ATTENTION_FACTOR: f64 = 1.23;
-/// The backward pass of one layer holds gradients of its attention scores on top.
-const BACKWARD_ATTENTION: f64 = 1.06;
-/// The process itself: runtime, tokenizer, thread stacks.
-const OVERHEAD: f64 = 10e6;
+/// Measured over the code's own count of what a layer keeps for its backward pass (its
+/// projections, norms, rotary temporaries, repeated keys and values, MLP; the count leaves
+/// out some reshapes made contiguous): fitted on CPU runs of the small benchmark model
+/// (scripts/bench_train_memory.sh) and checked on other shapes there.
+const LINEAR_FACTOR: f64 = 1.28;
+/// Attention keeps no probabilities (model::attention); its passes hold a block of queries'
+/// scores, probabilities and their gradients: four f32 copies of (heads × 256 × T).
+const BLOCK_COPIES: f64 = 4.0;
+const BLOCK: f64 = 256.0;
 
 pub struct Part {
     pub name: &'static str,
@@ -153,20 +153,14 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     part("gradients", grads, gnote);
     part("optimizer", 8.0 * trainable, "AdamW moments, f32".into());
     // One layer's saved tensors (the code's count; see decoder.rs).
-    let linear = 9.0 * n * h + 8.0 * n * (q + 2.0 * kv) + 2.0 * n * q + 4.0 * n * i;
-    let scores = b * heads * t * t;
-    let attn = if dt < 4.0 {
-        2.0 * scores * dt + 4.0 * scores * 4.0
-    } else {
-        6.0 * scores * 4.0
-    };
-    let one_layer = LINEAR_FACTOR * linear * dt + ATTENTION_FACTOR * attn + lora_act;
-    let backward = BACKWARD_ATTENTION * attn;
+    let linear = 9.0 * n * h + 8.0 * n * (q + 2.0 * kv) + 5.0 * n * q + 4.0 * n * i;
+    let one_layer = LINEAR_FACTOR * linear * dt + lora_act;
+    let backward = BLOCK_COPIES * b * heads * BLOCK.min(t) * t * 4.0;
     let (acts, anote) = if ckpt {
         (
             l * n * h * dt + one_layer + backward,
             format!(
-                "{l:.0} layer inputs + one layer's graph ({:.2} GB) and its backward ({:.2} GB)",
+                "{l:.0} layer inputs + one layer's graph ({:.2} GB) and its attention blocks ({:.2} GB)",
                 one_layer / 1e9,
                 backward / 1e9
             ),
@@ -175,7 +169,7 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
         (
             l * one_layer + backward,
             format!(
-                "{l:.0} layers × {:.2} GB, and one layer's backward ({:.2} GB)",
+                "{l:.0} layers × {:.2} GB, and attention blocks ({:.2} GB)",
                 one_layer / 1e9,
                 backward / 1e9
             ),
@@ -184,14 +178,21 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     part("activations", acts, anote);
     let chunk = (CHUNK as f64).min(n);
     let head_trainable = args.lora_rank.is_none();
-    let loss =
-        6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + if head_trainable { 4.0 * v * h } else { 0.0 };
+    // A trainable output weight: besides its accumulated gradient (counted above), the loss's
+    // f32 gradient of it, the backward pass's copy, and (embedding) the scattered gradient of
+    // the token lookup and their sum live at once: measured ~4.5 (tied) or ~3.5 (untied)
+    // vocab × hidden f32 tensors on OLMo-1B's shape.
+    let head_copies = match (head_trainable, cfg.tie_word_embeddings) {
+        (false, _) => 0.0,
+        (true, true) => 4.5,
+        (true, false) => 3.5,
+    };
+    let loss = 6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + head_copies * v * h * 4.0;
     part(
         "loss",
         loss,
-        format!("{CHUNK} rows of {v:.0} logits at a time"),
+        format!("{CHUNK} rows of {v:.0} logits at a time, and the output weight's gradients"),
     );
-    part("overhead", OVERHEAD, "runtime, tokenizer".into());
     Ok(parts)
 }
 

@@ -1,35 +1,23 @@
-//! The training loop: parameters, data order, micro-batches, exact gradient accumulation,
-//! AdamW, checkpoints that resume exactly, metrics.
+//! The step loop: flags checked, data read, the output folder claimed, then micro-batches
+//! (batch.rs) through the losses and backward pass (step.rs), exact gradient accumulation,
+//! AdamW (optim.rs), checkpoints that resume exactly (checkpoint.rs), metrics. The trainable
+//! parameters and LoRA are in params.rs.
 
 use crate::data::{inspect, Builder, Example};
 use crate::optim::{self, AdamW};
-use crate::save::{self, LoraSpec};
+use crate::save;
 use crate::Args;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use cf_common::model::{Decoder, Lora, Mode, Model, Source};
+use candle_core::Tensor;
+use cf_common::model::{Decoder, Mode, Model};
 use cf_common::record::{self, ReadOptions};
-use rand_chacha::rand_core::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 const TOOL: &str = "cf-train";
-const ALL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-/// The ChaCha stream of LoRA's initialisation and dropout (data order uses streams 0, 1, … per epoch).
-const LORA_STREAM: u64 = 1 << 40;
 
 fn validate(args: &Args) -> Result<()> {
     let pos = |x: f64, n: &str| {
@@ -84,208 +72,14 @@ fn validate(args: &Args) -> Result<()> {
         bail!("--merge needs --lora-rank (a full fine-tune is already merged)");
     }
     for t in &args.lora_targets {
-        if t != "all" && !ALL_TARGETS.contains(&t.as_str()) {
+        if t != "all" && !crate::params::ALL_TARGETS.contains(&t.as_str()) {
             bail!(
                 "--lora-targets: unknown module {t:?} (expected {} or all)",
-                ALL_TARGETS.join(", ")
+                crate::params::ALL_TARGETS.join(", ")
             );
         }
     }
     Ok(())
-}
-
-/// The micro-batches of one epoch: a seeded permutation of the examples, cut by sequences or
-/// by padded tokens.
-fn epoch_plan(examples: &[Example], args: &Args, epoch: u64) -> Vec<Vec<usize>> {
-    let mut r = ChaCha8Rng::seed_from_u64(args.seed);
-    r.set_stream(epoch);
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    for i in (1..order.len()).rev() {
-        let j = (r.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut longest = 0;
-    for i in order {
-        let len = examples[i].ids.len();
-        let full = match args.batch_tokens {
-            Some(t) => !cur.is_empty() && (cur.len() + 1) * longest.max(len) > t,
-            None => cur.len() == args.batch_size,
-        };
-        if full {
-            out.push(std::mem::take(&mut cur));
-            longest = 0;
-        }
-        cur.push(i);
-        longest = longest.max(len);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-/// The trainable state: parameters by name (full fine-tuning: every weight; LoRA: adapters).
-struct Trainable {
-    model: Model,
-    vars: Vec<(String, Var)>,
-    /// Full fine-tuning in a half-precision compute dtype: the decoder is rebuilt every step
-    /// from the f32 master weights cast to it (gradients flow back through the cast).
-    half: Option<DType>,
-    lora: Option<LoraSpec>,
-    lora_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
-}
-
-fn lora_name(module: &str, ab: &str) -> String {
-    format!("base_model.model.{module}.lora_{ab}.weight")
-}
-
-/// Load the model with trainable parameters, from `--model` or from a checkpoint.
-fn trainable(
-    args: &Args,
-    device: &Device,
-    dtype: DType,
-    resume: Option<&Path>,
-) -> Result<Trainable> {
-    let Some(rank) = args.lora_rank else {
-        // Full fine-tuning: f32 master weights as Vars.
-        let mut vars = Vec::new();
-        let model = Model::load_with(
-            &args.model.model,
-            |cfg, weights| {
-                let ckpt = match resume {
-                    Some(dir) => Some(cf_common::model::Weights::open(
-                        &[dir.join("model.safetensors")],
-                        DType::F32,
-                        device,
-                    )?),
-                    None => None,
-                };
-                let src: &dyn Source = match &ckpt {
-                    Some(c) => c,
-                    None => weights,
-                };
-                let mut map = HashMap::new();
-                for (name, shape) in Decoder::parameter_shapes(cfg) {
-                    let v = Var::from_tensor(&src.get(&name, &shape)?.to_dtype(DType::F32)?)?;
-                    map.insert(name.clone(), v.as_tensor().clone());
-                    vars.push((name, v));
-                }
-                Decoder::new(cfg, &map, DType::F32, device, Mode::Train)
-            },
-            DType::F32,
-            device,
-        )?;
-        let half = (dtype != DType::F32).then_some(dtype);
-        return Ok(Trainable {
-            model,
-            vars,
-            half,
-            lora: None,
-            lora_rng: None,
-        });
-    };
-    // LoRA: frozen base weights (plain tensors: no gradient graph), f32 adapters.
-    let mut model = Model::load(&args.model.model, dtype, device, Mode::Train)?;
-    let targets: Vec<String> = if args.lora_targets.iter().any(|t| t == "all") {
-        ALL_TARGETS.iter().map(|s| s.to_string()).collect()
-    } else {
-        args.lora_targets.clone()
-    };
-    let alpha = args.lora_alpha.unwrap_or(rank as f64);
-    let mut init = ChaCha8Rng::seed_from_u64(args.seed);
-    init.set_stream(LORA_STREAM);
-    let dropout_rng = {
-        let mut r = ChaCha8Rng::seed_from_u64(args.seed);
-        r.set_stream(LORA_STREAM + 1);
-        Arc::new(Mutex::new(r))
-    };
-    let saved = match resume {
-        Some(dir) => Some(candle_core::safetensors::load(
-            dir.join("adapter_model.safetensors"),
-            device,
-        )?),
-        None => None,
-    };
-    let mut vars = Vec::new();
-    model.decoder.for_each_linear(|name, lin| {
-        let short = name.rsplit('.').next().unwrap_or(name);
-        if !targets.iter().any(|t| t == short) {
-            return Ok(());
-        }
-        let (out, inp) = lin.weight.dims2()?;
-        let (an, bn) = (lora_name(name, "A"), lora_name(name, "B"));
-        let (a, b) = match &saved {
-            Some(s) => (
-                s.get(&an)
-                    .ok_or_else(|| anyhow!("checkpoint: {an} is missing"))?
-                    .to_dtype(DType::F32)?,
-                s.get(&bn)
-                    .ok_or_else(|| anyhow!("checkpoint: {bn} is missing"))?
-                    .to_dtype(DType::F32)?,
-            ),
-            None => {
-                // PEFT's init: A ~ U(±1/√in) (kaiming_uniform with a=√5), B = 0.
-                let bound = 1.0 / (inp as f64).sqrt();
-                let av: Vec<f32> = (0..rank * inp)
-                    .map(|_| {
-                        ((init.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-                            * bound as f32
-                    })
-                    .collect();
-                (
-                    Tensor::from_vec(av, (rank, inp), device)?,
-                    Tensor::zeros((out, rank), DType::F32, device)?,
-                )
-            }
-        };
-        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        lin.lora = Some(Lora {
-            a: a.as_tensor().clone(),
-            b: b.as_tensor().clone(),
-            scale: alpha / rank as f64,
-            dropout: args.lora_dropout as f32,
-            rng: Some(dropout_rng.clone()),
-        });
-        vars.push((an, a));
-        vars.push((bn, b));
-        Ok(())
-    })?;
-    if vars.is_empty() {
-        bail!("--lora-targets matched no module");
-    }
-    let spec = LoraSpec {
-        rank,
-        alpha,
-        dropout: args.lora_dropout,
-        targets,
-    };
-    Ok(Trainable {
-        model,
-        vars,
-        half: None,
-        lora: Some(spec),
-        lora_rng: Some(dropout_rng),
-    })
-}
-
-fn tensors_of(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
-/// A fingerprint of the training examples, so a resume on other data is refused.
-fn fingerprint(examples: &[Example]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for e in examples {
-        for &id in &e.ids {
-            h = (h ^ id as u64).wrapping_mul(0x100000001b3);
-        }
-        h = (h ^ 0xff).wrapping_mul(0x100000001b3);
-    }
-    format!("{}:{h:016x}", examples.len())
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -419,14 +213,14 @@ pub fn run(args: &Args) -> Result<()> {
         }
         None => None,
     };
-    let fp = fingerprint(&examples);
+    let fp = crate::batch::fingerprint(&examples);
     if let Some(st) = &state {
         let dir = resume_dir.as_ref().unwrap().display();
         if st["data"].as_str() != Some(fp.as_str()) || st["seed"].as_u64() != Some(args.seed) {
             bail!("{dir}: the checkpoint was made with other data or another --seed; resuming would not continue the same run");
         }
         if let Some(was) = st.get("settings").and_then(Value::as_object) {
-            let now = settings(args);
+            let now = crate::checkpoint::settings(args);
             let changed: Vec<String> = now
                 .iter()
                 .filter(|(k, v)| was.get(*k).is_some_and(|w| w != *v))
@@ -438,14 +232,19 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     let load_t0 = Instant::now();
-    let t = trainable(args, &device, dtype, resume_dir.as_deref())?;
+    let t = crate::params::trainable(args, &device, dtype, resume_dir.as_deref())?;
     args.log.detail(
         TOOL,
         t.model
             .describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),
     );
-    args.log
-        .detail(TOOL, format!("settings: {}", Value::Object(settings(args))));
+    args.log.detail(
+        TOOL,
+        format!(
+            "settings: {}",
+            Value::Object(crate::checkpoint::settings(args))
+        ),
+    );
     let base = if args.exact_kl.is_empty() {
         None
     } else {
@@ -459,7 +258,7 @@ pub fn run(args: &Args) -> Result<()> {
         args.weight_decay,
     )?;
 
-    let mut plan = epoch_plan(&examples, args, 0);
+    let mut plan = crate::batch::epoch_plan(&examples, args, 0);
     let steps_per_epoch = plan.len().div_ceil(args.grad_accum) as u64;
     let total = args.max_steps.unwrap_or(args.epochs * steps_per_epoch);
     let warmup = match args.warmup_ratio {
@@ -521,7 +320,7 @@ pub fn run(args: &Args) -> Result<()> {
         ),
     );
     if epoch != 0 {
-        plan = epoch_plan(&examples, args, epoch);
+        plan = crate::batch::epoch_plan(&examples, args, epoch);
     }
     let mut num_tokens: u64 = 0;
     let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
@@ -534,7 +333,7 @@ pub fn run(args: &Args) -> Result<()> {
         if micro >= plan.len() {
             epoch += 1;
             micro = 0;
-            plan = epoch_plan(&examples, args, epoch);
+            plan = crate::batch::epoch_plan(&examples, args, epoch);
         }
         let t0 = Instant::now();
         let mbs: Vec<&Vec<usize>> = plan[micro..(micro + args.grad_accum).min(plan.len())]
@@ -619,8 +418,8 @@ pub fn run(args: &Args) -> Result<()> {
         }
         if args.save_every > 0 && opt.step % args.save_every == 0 && opt.step < total {
             let dir = out.join(format!("checkpoint-{}", opt.step));
-            finite_weights(&t, opt.step, &ckpt_note)?;
-            checkpoint(args, &t, &opt, &dir, epoch, micro, &fp)?;
+            crate::checkpoint::finite_weights(&t, opt.step, &ckpt_note)?;
+            crate::checkpoint::checkpoint(args, &t, &opt, &dir, epoch, micro, &fp)?;
             last_ckpt = Some(dir);
         }
     }
@@ -628,123 +427,8 @@ pub fn run(args: &Args) -> Result<()> {
     let ckpt_note = last_ckpt
         .as_ref()
         .map_or("none".to_string(), |p| p.display().to_string());
-    finite_weights(&t, opt.step, &ckpt_note)?;
-    final_output(args, &t, &out)?;
+    crate::checkpoint::finite_weights(&t, opt.step, &ckpt_note)?;
+    crate::checkpoint::final_output(args, &t, &out)?;
     args.log.info(TOOL, format!("wrote {}", out.display()));
-    Ok(())
-}
-
-/// Weights as a model folder in `dtype` (checkpoints keep the f32 master weights, so a resumed
-/// run continues exactly), or as a PEFT adapter.
-fn write_weights(args: &Args, t: &Trainable, dtype: DType, dir: &Path) -> Result<()> {
-    match &t.lora {
-        None => save::model_folder(&t.model.files, &tensors_of(&t.vars), dtype, dir),
-        Some(spec) => save::adapter_folder(
-            &t.model.files,
-            &args.model.model,
-            spec,
-            &tensors_of(&t.vars),
-            dir,
-        ),
-    }
-}
-
-/// A checkpoint or model is saved only when every weight is finite: a finite loss and
-/// gradient can still take an update to inf (a huge learning rate).
-fn finite_weights(t: &Trainable, step: u64, last_good: &str) -> Result<()> {
-    let mut bad = 0usize;
-    for (_, v) in &t.vars {
-        let x = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
-        let finite = x
-            .abs()?
-            .le(f32::MAX as f64)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
-        bad += x.elem_count() - finite;
-    }
-    if bad > 0 {
-        bail!("step {step}: {bad} weights are not finite; not saving them (last good checkpoint: {last_good})");
-    }
-    Ok(())
-}
-
-/// The flags a resumed run must share with the run it continues (those that change its
-/// trajectory), as written into every checkpoint.
-fn settings(args: &Args) -> serde_json::Map<String, Value> {
-    let v = json!({
-        "lr": args.lr, "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
-        "batch_tokens": args.batch_tokens, "grad_accum": args.grad_accum, "warmup": args.warmup,
-        "warmup_ratio": args.warmup_ratio, "schedule": format!("{:?}", args.schedule).to_lowercase(),
-        "weight_decay": args.weight_decay, "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
-        "adam_eps": args.adam_eps, "max_grad_norm": args.max_grad_norm, "max_length": args.max_length,
-        "weight": args.weight, "exact_kl": args.exact_kl, "lora_rank": args.lora_rank,
-        "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets,
-        "dtype": args.model.dtype, "model": args.model.model,
-    });
-    v.as_object().cloned().unwrap_or_default()
-}
-
-fn checkpoint(
-    args: &Args,
-    t: &Trainable,
-    opt: &AdamW,
-    dir: &Path,
-    epoch: u64,
-    micro: usize,
-    fp: &str,
-) -> Result<()> {
-    save::atomic_dir(dir, |tmp| {
-        write_weights(args, t, DType::F32, tmp)?;
-        cf_common::model::save::save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
-        let state = json!({
-            "global_step": opt.step,
-            "epoch": epoch,
-            "micro_batch": micro,
-            "seed": args.seed,
-            "data": fp,
-            "lora_dropout_word_pos": t.lora_rng.as_ref().map(|r| r.lock().unwrap().get_word_pos().to_string()),
-            "settings": settings(args),
-        });
-        cf_common::record::write_atomic(
-            &tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )
-    })?;
-    args.log.info(TOOL, format!("saved {}", dir.display()));
-    Ok(())
-}
-
-fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
-    let dtype = match args.save_dtype.as_deref() {
-        None | Some("auto") => save::stored_dtype(&t.model.files)?,
-        Some(d) => cf_common::cli::parse_dtype(d)?,
-    };
-    write_weights(args, t, dtype, out)?;
-    if let (Some(spec), true) = (&t.lora, args.merge) {
-        // W + (α/r)·B·A for every adapted projection; the rest as loaded.
-        let files = &t.model.files;
-        let w = cf_common::model::Weights::open(&files.weights, DType::F32, &Device::Cpu)?;
-        let adapters = tensors_of(&t.vars);
-        let mut merged = HashMap::new();
-        for (name, shape) in Decoder::parameter_shapes(&t.model.cfg) {
-            let mut x = w.get(&name, &shape)?;
-            if let Some(module) = name.strip_suffix(".weight") {
-                if let (Some(a), Some(b)) = (
-                    adapters.get(&lora_name(module, "A")),
-                    adapters.get(&lora_name(module, "B")),
-                ) {
-                    let delta = (b
-                        .to_device(&Device::Cpu)?
-                        .matmul(&a.to_device(&Device::Cpu)?)?
-                        * (spec.alpha / spec.rank as f64))?;
-                    x = (x + delta)?;
-                }
-            }
-            merged.insert(name, x);
-        }
-        let dir = out.join("merged");
-        save::atomic_dir(&dir, |tmp| save::model_folder(files, &merged, dtype, tmp))?;
-    }
     Ok(())
 }
