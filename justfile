@@ -20,6 +20,12 @@ bench:
     python3 scripts/bench_eval.py out/bench
     scripts/bench_mix.sh 2 out/bench-mix
 
+# cf-train beside a PyTorch loop and TRL (CPU: tokens/s, peak memory), and --plan against measured memory
+bench-train:
+    cargo build --release --bins --examples
+    python3 scripts/bench_train.py out/bench-train
+    scripts/bench_train_memory.sh out/bench-train-memory
+
 # Regenerate the test models and their float64 references (needs torch + transformers)
 fixtures:
     python3 scripts/make_fixtures.py

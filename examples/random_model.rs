@@ -34,7 +34,7 @@ fn config(shape: &str) -> Result<&'static str> {
         "small" => {
             r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8192,
             "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 6, "num_attention_heads": 8,
-            "num_key_value_heads": 4, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}"#
         }
         other => bail!("unknown shape {other} (olmo-1b, llama3-8b, small)"),

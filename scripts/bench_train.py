@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""cf-train beside a plain PyTorch loop and TRL's SFTTrainer on the same recipe and weights, on
+CPU: tokens/s (steps after the first) and peak memory (peak anonymous RSS), in one table.
+
+    python3 scripts/bench_train.py [OUT]      # `just bench-train`; writes OUT/train.md
+
+The model is the ~26M-parameter `small` shape with random weights (examples/random_model.rs);
+the recipe: full fine-tuning, f32, AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no decay), no
+clipping, one micro-batch per step, 6 steps, at 8 × 256 and 1 × 2048 tokens, and cf-train again
+with --gradient-checkpointing. The same random token ids feed every trainer, each sequence
+starting with BOS; the loss is the mean NLL over every token after the first, as in all three.
+Threads: CF_THREADS (default all cores) for cf and torch alike.
+"""
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+out = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "out", "bench-train"))
+os.makedirs(out, exist_ok=True)
+threads = int(os.environ.get("CF_THREADS", os.cpu_count()))
+STEPS = 6
+model = os.path.join(out, "small")
+if not os.path.isdir(model):
+    subprocess.run(["cargo", "run", "--release", "-q", "--example", "random_model", "--", "small", "f32", model], cwd=ROOT, check=True)
+
+
+def data(b, t):
+    random.seed(0)
+    rows = [[1] + [random.randrange(3, 8192) for _ in range(t - 1)] for _ in range(b)]
+    path = os.path.join(out, f"d{b}x{t}.jsonl")
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prefix_ids": r[:1], "token_ids": r[1:]}) + "\n")
+    return path, rows
+
+
+def peak_anon(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def measured(cmd, env=None):
+    """Run cmd; its stdout (JSON: tokens/s) and peak anonymous memory in MiB."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=out)
+    peak = 0
+    while p.poll() is None:
+        peak = max(peak, peak_anon(p.pid))
+        time.sleep(0.02)
+    stdout = p.stdout.read().decode()
+    if p.returncode:
+        raise SystemExit(f"{cmd[0]} failed")
+    return stdout, peak
+
+
+def cf(b, t, extra):
+    path, _ = data(b, t)
+    m = os.path.join(out, "m.jsonl")
+    env = dict(os.environ, CF_THREADS=str(threads))
+    subprocess.run(["rm", "-rf", os.path.join(out, "o")])
+    _, peak = measured([os.path.join(ROOT, "target", "release", "cf-train"), "--model", model, path, "-o", "o",
+                        "--max-steps", str(STEPS), "--batch-size", str(b), "--max-length", str(t), "--lr", "1e-4",
+                        "--max-grad-norm", "0", "--schedule", "constant", "--metrics", m, "-q"] + extra, env)
+    rows = [json.loads(l) for l in open(m)][1:]
+    return statistics.median(r["tokens_per_second"] for r in rows), peak
+
+
+TORCH = r'''
+import json, sys, time, torch, transformers
+torch.set_num_threads(int(sys.argv[3]))
+rows = [json.loads(l) for l in open(sys.argv[2])]
+ids = torch.tensor([r["prefix_ids"] + r["token_ids"] for r in rows])
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, attn_implementation="sdpa")
+m.train()
+opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+rates = []
+for step in range(int(sys.argv[4])):
+    t0 = time.perf_counter()
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    rates.append(ids.numel() / (time.perf_counter() - t0))
+print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+'''
+
+TRL = r'''
+import json, sys, time, torch, datasets, transformers, trl
+torch.set_num_threads(int(sys.argv[3]))
+rows = [json.loads(l) for l in open(sys.argv[2])]
+ds = datasets.Dataset.from_list([{"input_ids": r["prefix_ids"] + r["token_ids"]} for r in rows])
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, attn_implementation="sdpa")
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+rates = []
+class Timer(transformers.TrainerCallback):
+    def on_step_begin(self, *a, **k):
+        self.t0 = time.perf_counter()
+    def on_step_end(self, *a, **k):
+        rates.append(len(rows) * len(ds[0]["input_ids"]) / (time.perf_counter() - self.t0))
+cfg = trl.SFTConfig(output_dir=sys.argv[5], max_steps=int(sys.argv[4]), per_device_train_batch_size=len(rows),
+    learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, bf16=False,
+    gradient_checkpointing=False, report_to=[], logging_steps=1000, save_strategy="no", max_length=4096,
+    use_cpu=True, dataloader_num_workers=0, seed=0)
+trl.SFTTrainer(model=m, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]).train()
+print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+'''
+
+
+def py(script, b, t):
+    path, _ = data(b, t)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    stdout, peak = measured([sys.executable, "-c", script, model, path, str(threads), str(STEPS), os.path.join(out, "trl")], env)
+    return float(stdout.strip().splitlines()[-1]), peak
+
+
+lines = ["| micro-batch | trainer | tokens/s | peak MiB | tokens/s vs PyTorch | memory vs PyTorch |", "|---|---|---|---|---|---|"]
+for b, t in [(8, 256), (1, 2048)]:
+    ref = py(TORCH, b, t)
+    rows = [("PyTorch loop", ref)]
+    try:
+        rows.append(("TRL SFTTrainer", py(TRL, b, t)))
+    except SystemExit as e:
+        print(f"bench-train: TRL: {e}", file=sys.stderr)
+    rows.append(("cf-train", cf(b, t, [])))
+    rows.append(("cf-train --gradient-checkpointing", cf(b, t, ["--gradient-checkpointing"])))
+    for name, (rate, peak) in rows:
+        lines.append(f"| {b} × {t} | {name} | {rate:,.0f} | {peak:,} | {rate / ref[0]:.2f} | {peak / ref[1]:.2f} |")
+        print(lines[-1], flush=True)
+open(os.path.join(out, "train.md"), "w").write("\n".join(lines) + "\n")
+print(f"bench-train: {threads} threads; wrote {os.path.join(out, 'train.md')}", file=sys.stderr)
