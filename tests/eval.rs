@@ -4,7 +4,8 @@ use crate::util::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
-fn eval(dir: &Path, model: &str, args: &[&str]) -> (Value, Vec<Value>) {
+/// Run cf-eval on a fixture model with --log-samples: the report and the samples.
+pub fn eval(dir: &Path, model: &str, args: &[&str]) -> (Value, Vec<Value>) {
     let m = fixture(model);
     let mut a = vec![
         "--model",

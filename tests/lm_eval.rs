@@ -9,7 +9,6 @@
 
 use crate::util::*;
 use serde_json::{json, Value};
-use std::path::Path;
 
 fn reference(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/eval").join(name)).unwrap())
@@ -25,26 +24,7 @@ fn fx_eval(name: &str) -> String {
         .to_string()
 }
 
-/// Run cf-eval with --log-samples; the report and the samples.
-fn eval(dir: &Path, model: &str, args: &[&str]) -> (Value, Vec<Value>) {
-    let m = fixture(model);
-    let mut a = vec![
-        "--model",
-        m.to_str().unwrap(),
-        "--log-samples",
-        "samples.jsonl",
-        "-q",
-    ];
-    a.extend_from_slice(args);
-    let r = run("cf-eval", &a, dir, None);
-    assert_eq!(r.code, 0, "{r}");
-    let samples = std::fs::read_to_string(dir.join("samples.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (serde_json::from_str(&r.stdout).unwrap(), samples)
-}
+use crate::eval::eval;
 
 fn close(a: f64, b: f64, tol: f64, what: &str) {
     assert!((a - b).abs() <= tol, "{what}: cf-eval {a} vs lm-eval {b}");

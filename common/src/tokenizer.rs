@@ -7,6 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// Each token's byte range in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A model's tokenizer and the special tokens the tools need.
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
@@ -177,7 +180,7 @@ impl Tok {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Offsets)> {
         let e = self
             .inner
             .encode(text, add_special_tokens)

@@ -156,7 +156,6 @@ pub fn run(
         }
     }
     flush(&mut batch, &mut items)?;
-    drop(flush);
     progress.finish();
     if seq.n == 0.0 {
         bail!("{}: no samples to score", reader.name());

@@ -41,17 +41,7 @@ pub struct Part {
 
 fn targets_of(args: &Args) -> Vec<String> {
     if args.lora_targets.iter().any(|t| t == "all") {
-        [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec()
+        crate::params::ALL_TARGETS.map(String::from).to_vec()
     } else {
         args.lora_targets.clone()
     }
