@@ -525,3 +525,65 @@ fn prefixes_chat_and_prompts() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("bad.jsonl:2: no prompt"), "{out}");
 }
+
+#[test]
+fn shard_auto_takes_the_part_from_the_scheduler() {
+    // A Slurm job array (ids 3..=6, so task 5 is part 3 of 4) and a Kubernetes Indexed Job
+    // (index 2 of 4 completions) give the same bytes as --shard 3/4; with no scheduler it is a
+    // one-line error.
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("llama");
+    let base = [
+        "--model",
+        fx.to_str().unwrap(),
+        "-n",
+        "8",
+        "--max-tokens",
+        "4",
+        "--seed",
+        "5",
+        "-q",
+    ];
+    let with = |shard: &str, env: &[(&str, &str)]| {
+        let mut a = base.to_vec();
+        a.extend(["--shard", shard]);
+        run_env("cf-sample", &a, d.path(), None, env)
+    };
+    let want = with("3/4", &[]);
+    assert_eq!(want.code, 0, "{want}");
+    assert_eq!(want.stdout.lines().count(), 2);
+    let slurm = with(
+        "auto",
+        &[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+        ],
+    );
+    assert_eq!(slurm.stdout, want.stdout, "{slurm}");
+    let k8s = with(
+        "auto",
+        &[("JOB_COMPLETION_INDEX", "2"), ("CF_SHARD_COUNT", "4")],
+    );
+    assert_eq!(k8s.stdout, want.stdout, "{k8s}");
+    let none = with("auto", &[]);
+    assert_eq!(none.code, 2);
+    assert!(none.stderr.contains("--shard auto: no scheduler"), "{none}");
+    let half = with("auto", &[("JOB_COMPLETION_INDEX", "2")]);
+    assert!(half.stderr.contains("CF_SHARD_COUNT"), "{half}");
+    // The sampling preset is shared with cf-eval and checked before loading.
+    let r = run(
+        "cf-sample",
+        &[
+            "--model",
+            "no-such-model",
+            "--sampling",
+            "r1",
+            "--top-p",
+            "2",
+        ],
+        d.path(),
+        None,
+    );
+    assert!(r.stderr.contains("--top-p"), "{r}");
+}

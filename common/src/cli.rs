@@ -101,6 +101,109 @@ pub fn loss_weights(items: &[String]) -> Result<Vec<(String, f64)>> {
     Ok(out)
 }
 
+/// vLLM's sampling flags, the same in cf-sample and cf-eval. The default temperature is the
+/// tool's: cf-sample 1 (draws from the model), cf-eval 0 (greedy, as lm-eval).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy (default: cf-sample 1, cf-eval 0). Anything but 1
+    /// biases KL estimates.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+
+    /// Keep only the smallest set of tokens whose probability reaches P (off by default).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+
+    /// Keep only the K most probable tokens (off by default).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Keep only tokens with probability at least P times the most probable one's (off by
+    /// default).
+    #[arg(long)]
+    pub min_p: Option<f64>,
+
+    /// A preset that sets temperature and top-p: r1 is DeepSeek-R1's (0.6, 0.95). Flags given
+    /// beside it win.
+    #[arg(long, value_parser = ["r1"])]
+    pub sampling: Option<String>,
+}
+
+impl SamplingArgs {
+    /// The sampling parameters, checked (before any weights load).
+    pub fn params(
+        &self,
+        default_temperature: f64,
+        max_tokens: usize,
+    ) -> Result<crate::generate::SamplingParams> {
+        let (pt, pp) = match self.sampling.as_deref() {
+            Some("r1") => (Some(0.6), Some(0.95)),
+            _ => (None, None),
+        };
+        let p = crate::generate::SamplingParams {
+            temperature: self.temperature.or(pt).unwrap_or(default_temperature),
+            top_k: self.top_k,
+            top_p: self.top_p.or(pp),
+            min_p: self.min_p,
+            max_tokens,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// `--shard K/N` (1-based), or `--shard auto`: K and N from the scheduler that started the
+/// job — a Slurm job array (`SLURM_ARRAY_TASK_ID`, `_MIN`, `_COUNT`, `_STEP`) or a Kubernetes
+/// Indexed Job (`JOB_COMPLETION_INDEX`, with `CF_SHARD_COUNT` set to its completions).
+pub fn parse_shard(s: &str) -> Result<(u64, u64)> {
+    use crate::env::{self as e, var};
+    if s == "auto" {
+        let num = |name: &str| -> Result<Option<u64>> {
+            var(name)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!("--shard auto: {name}={v:?} is not a whole number")
+                    })
+                })
+                .transpose()
+        };
+        let (k, n) = if let Some(id) = num(e::SLURM_ARRAY_TASK_ID)? {
+            let min = num(e::SLURM_ARRAY_TASK_MIN)?.unwrap_or(0);
+            let step = num(e::SLURM_ARRAY_TASK_STEP)?.unwrap_or(1).max(1);
+            let count = num(e::SLURM_ARRAY_TASK_COUNT)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"
+                )
+            })?;
+            if id < min || (id - min) % step != 0 {
+                bail!("--shard auto: SLURM_ARRAY_TASK_ID {id} is not in the array (min {min}, step {step})");
+            }
+            ((id - min) / step + 1, count)
+        } else if let Some(i) = num(e::JOB_COMPLETION_INDEX)? {
+            let n = num(e::CF_SHARD_COUNT)?.ok_or_else(|| {
+                anyhow::anyhow!("--shard auto: JOB_COMPLETION_INDEX is set; set CF_SHARD_COUNT to the Job's completions too")
+            })?;
+            (i + 1, n)
+        } else {
+            bail!("--shard auto: no scheduler says which part this is (SLURM_ARRAY_TASK_ID, or JOB_COMPLETION_INDEX with CF_SHARD_COUNT); give --shard K/N");
+        };
+        if k == 0 || n == 0 || k > n {
+            bail!("--shard auto: part {k} of {n} is not a part");
+        }
+        return Ok((k, n));
+    }
+    let bad = || anyhow::anyhow!("--shard {s}: expected K/N with 1 <= K <= N, e.g. 2/4, or auto");
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u64, u64) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if k == 0 || n == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
 /// `-q` / `-v`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct LogArgs {

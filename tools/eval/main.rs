@@ -98,19 +98,9 @@ pub struct Args {
     #[arg(short = 'n', long = "num-samples", default_value_t = 1)]
     pub n: usize,
 
-    /// Generative tasks: temperature (0, the default, is greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-
-    #[arg(long)]
-    pub top_p: Option<f64>,
-
-    #[arg(long)]
-    pub top_k: Option<usize>,
-
-    /// Sampling preset: r1 is DeepSeek-R1's (temperature 0.6, top-p 0.95).
-    #[arg(long, value_parser = ["r1"])]
-    pub sampling: Option<String>,
+    /// Generative tasks: sampling (greedy by default, as lm-eval).
+    #[command(flatten)]
+    pub sampling: cf_common::cli::SamplingArgs,
 
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,

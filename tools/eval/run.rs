@@ -6,7 +6,7 @@ use crate::score::Scorer;
 use crate::tasks::{self, Fields, GenDoc, McDoc, PplDoc, Task};
 use crate::Args;
 use anyhow::{anyhow, bail, Context, Result};
-use cf_common::generate::{generate, sample_rng, SamplingParams};
+use cf_common::generate::{generate, sample_rng};
 use cf_common::model::{Mode, Model};
 use cf_common::progress::Progress;
 use cf_common::record::{write_atomic, Output, Record, Writer};
@@ -204,14 +204,7 @@ fn generative(
     progress: &Progress,
 ) -> Result<Map<String, Value>> {
     let model = sc.model;
-    let (t, top_p) = sampling(args);
-    let params = SamplingParams {
-        temperature: t,
-        top_k: args.top_k,
-        top_p,
-        min_p: None,
-        max_tokens: args.max_tokens,
-    };
+    let params = args.sampling.params(0.0, args.max_tokens)?;
     // lm-eval keeps the prompt's last max_length - max_gen_toks tokens.
     let keep = sc
         .max_len
@@ -324,16 +317,8 @@ fn generative(
         put(&mut m, &format!("maj@{k}"), "cf-extract", &maj[j]);
     }
     m.insert("samples_per_problem".into(), json!(args.n));
-    m.insert("sampling".into(), json!({"temperature": t, "top_p": top_p, "top_k": args.top_k, "max_tokens": args.max_tokens, "seed": args.seed}));
+    m.insert("sampling".into(), json!({"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "min_p": params.min_p, "max_tokens": args.max_tokens, "seed": args.seed}));
     Ok(m)
-}
-
-/// Temperature and top-p after --sampling.
-fn sampling(args: &Args) -> (f64, Option<f64>) {
-    match args.sampling.as_deref() {
-        Some("r1") => (0.6, Some(0.95)),
-        _ => (args.temperature, args.top_p),
-    }
 }
 
 /// The stderr key of a metric key: lm-eval's "acc,none" → "acc_stderr,none" (cf-eval's
@@ -456,15 +441,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.n == 0 {
         bail!("-n must be at least 1");
     }
-    let (t, top_p) = sampling(args);
-    SamplingParams {
-        temperature: t,
-        top_k: args.top_k,
-        top_p,
-        min_p: None,
-        max_tokens: args.max_tokens,
-    }
-    .validate()?;
+    let t = args.sampling.params(0.0, args.max_tokens)?.temperature;
     if t == 0.0 && args.n > 1 {
         bail!(
             "-n {} with greedy decoding would repeat one answer: give --temperature or --sampling",

@@ -4,7 +4,6 @@ mod plan;
 
 use anyhow::Result;
 use cf_common::cli::{LogArgs, ModelArgs};
-use cf_common::generate::SamplingParams;
 use cf_common::record::Output;
 use clap::Parser;
 use std::process::ExitCode;
@@ -46,21 +45,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
-    /// Softmax temperature; 0 is greedy. Anything but 1 biases KL estimates.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-
-    /// Keep only the smallest set of tokens whose probability reaches P (off by default).
-    #[arg(long)]
-    top_p: Option<f64>,
-
-    /// Keep only the K most probable tokens (off by default).
-    #[arg(long)]
-    top_k: Option<usize>,
-
-    /// Keep only tokens with probability at least P times the most probable one's (off by default).
-    #[arg(long)]
-    min_p: Option<f64>,
+    #[command(flatten)]
+    sampling: cf_common::cli::SamplingArgs,
 
     /// Start after this text instead (after the document-start token), e.g. $'<think>\n'.
     #[arg(long, conflicts_with_all = ["prefix_ids", "chat", "prompts"])]
@@ -88,8 +74,9 @@ struct Args {
     batch_size: usize,
 
     /// Produce only part K of N (1-based), e.g. 2/4: the parts, concatenated in order, are
-    /// exactly the unsharded output.
-    #[arg(long, value_name = "K/N")]
+    /// exactly the unsharded output. `auto`: K and N from a Slurm job array or a Kubernetes
+    /// Indexed Job (JOB_COMPLETION_INDEX, with CF_SHARD_COUNT = the Job's completions).
+    #[arg(long, value_name = "K/N|auto")]
     shard: Option<String>,
 
     /// Output file (.jsonl or .parquet), written atomically; JSONL on stdout by default.
@@ -109,18 +96,15 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     // Everything that can be checked without the model is checked first.
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        max_tokens: args.max_tokens,
-    };
-    params.validate()?;
+    let params = args.sampling.params(1.0, args.max_tokens)?;
     if args.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let shard = args.shard.as_deref().map(plan::parse_shard).transpose()?;
+    let shard = args
+        .shard
+        .as_deref()
+        .map(cf_common::cli::parse_shard)
+        .transpose()?;
     let output = Output::parse(args.output.as_deref())?;
     if let Some(o) = &output.path {
         // A path that cannot be written fails now, not after the model is loaded.

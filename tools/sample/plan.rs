@@ -28,20 +28,6 @@ pub struct Job {
     pub prompt: Option<Record>,
 }
 
-/// `K/N` with 1 ≤ K ≤ N.
-pub fn parse_shard(s: &str) -> Result<(u64, u64)> {
-    let bad = || anyhow!("--shard {s}: expected K/N with 1 <= K <= N, e.g. 2/4");
-    let (k, n) = s.split_once('/').ok_or_else(bad)?;
-    let (k, n): (u64, u64) = (
-        k.trim().parse().map_err(|_| bad())?,
-        n.trim().parse().map_err(|_| bad())?,
-    );
-    if k == 0 || n == 0 || k > n {
-        return Err(bad());
-    }
-    Ok((k, n))
-}
-
 pub fn read_prompts(path: &str) -> Result<Vec<(Loc, Record)>> {
     record::read_all(Some(path), ReadOptions::default())
 }
