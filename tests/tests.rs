@@ -4,6 +4,8 @@
 
 mod util;
 
+mod adapters;
+
 mod corpus;
 mod decoder;
 mod eval;

@@ -19,11 +19,29 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16, f16 or f64 (default f32 on CPU, bf16 on CUDA).
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
+
+    /// A PEFT LoRA adapter folder to put on --model (which may also be an adapter folder
+    /// itself: its adapter_config.json names the base).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<String>,
 }
 
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
+    }
+
+    /// The model these flags name: --model, with --adapter on it when given.
+    pub fn load(
+        &self,
+        dtype: DType,
+        device: &Device,
+        mode: crate::model::Mode,
+    ) -> Result<crate::model::Model> {
+        match &self.adapter {
+            Some(a) => crate::model::Model::load_adapter(Some(&self.model), a, dtype, device, mode),
+            None => crate::model::Model::load(&self.model, dtype, device, mode),
+        }
     }
 
     pub fn dtype(&self, device: &Device) -> Result<DType> {

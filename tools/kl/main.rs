@@ -110,7 +110,7 @@ fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
     let load_t0 = std::time::Instant::now();
-    let model = Model::load(&args.model.model, dtype, &device, Mode::Infer)?;
+    let model = args.model.load(dtype, &device, Mode::Infer)?;
     args.log.detail(
         "cf-kl",
         model.describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),

@@ -129,12 +129,9 @@ fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;
     let load_t0 = std::time::Instant::now();
-    let model = cf_common::model::Model::load(
-        &args.model.model,
-        dtype,
-        &device,
-        cf_common::model::Mode::Infer,
-    )?;
+    let model = args
+        .model
+        .load(dtype, &device, cf_common::model::Mode::Infer)?;
     args.log.detail(
         "cf-sample",
         model.describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),

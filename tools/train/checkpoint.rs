@@ -3,10 +3,10 @@
 
 use crate::optim::AdamW;
 use crate::params::{lora_name, tensors_of, Trainable};
-use crate::save;
 use crate::Args;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use cf_common::model::save;
 use cf_common::model::{Decoder, Source};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -16,16 +16,10 @@ const TOOL: &str = "cf-train";
 
 /// Weights as a model folder in `dtype` (checkpoints keep the f32 master weights, so a resumed
 /// run continues exactly), or as a PEFT adapter.
-pub fn write_weights(args: &Args, t: &Trainable, dtype: DType, dir: &Path) -> Result<()> {
+pub fn write_weights(t: &Trainable, dtype: DType, dir: &Path) -> Result<()> {
     match &t.lora {
         None => save::model_folder(&t.model.files, &tensors_of(&t.vars), dtype, dir),
-        Some(spec) => save::adapter_folder(
-            &t.model.files,
-            &args.model.model,
-            spec,
-            &tensors_of(&t.vars),
-            dir,
-        ),
+        Some(spec) => save::adapter_folder(&t.model.files, spec, &tensors_of(&t.vars), dir),
     }
 }
 
@@ -60,7 +54,7 @@ pub fn settings(args: &Args) -> serde_json::Map<String, Value> {
         "adam_eps": args.adam_eps, "max_grad_norm": args.max_grad_norm, "max_length": args.max_length,
         "weight": args.weight, "exact_kl": args.exact_kl, "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout, "lora_targets": args.lora_targets,
-        "dtype": args.model.dtype, "model": args.model.model,
+        "dtype": args.model.dtype, "model": args.model.model, "adapter": args.model.adapter, "l2_init": args.l2_init,
     });
     v.as_object().cloned().unwrap_or_default()
 }
@@ -75,7 +69,7 @@ pub fn checkpoint(
     fp: &str,
 ) -> Result<()> {
     save::atomic_dir(dir, |tmp| {
-        write_weights(args, t, DType::F32, tmp)?;
+        write_weights(t, DType::F32, tmp)?;
         cf_common::model::save::save_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
         let state = json!({
             "global_step": opt.step,
@@ -100,7 +94,7 @@ pub fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
         None | Some("auto") => save::stored_dtype(&t.model.files)?,
         Some(d) => cf_common::cli::parse_dtype(d)?,
     };
-    write_weights(args, t, dtype, out)?;
+    write_weights(t, dtype, out)?;
     if let (Some(spec), true) = (&t.lora, args.merge) {
         // W + (α/r)·B·A for every adapted projection; the rest as loaded.
         let files = &t.model.files;
@@ -114,11 +108,7 @@ pub fn final_output(args: &Args, t: &Trainable, out: &Path) -> Result<()> {
                     adapters.get(&lora_name(module, "A")),
                     adapters.get(&lora_name(module, "B")),
                 ) {
-                    let delta = (b
-                        .to_device(&Device::Cpu)?
-                        .matmul(&a.to_device(&Device::Cpu)?)?
-                        * (spec.alpha / spec.rank as f64))?;
-                    x = (x + delta)?;
+                    x = cf_common::model::adapter::merged_weight(&x, a, b, spec.scale())?;
                 }
             }
             merged.insert(name, x);

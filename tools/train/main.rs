@@ -3,6 +3,7 @@
 mod batch;
 mod checkpoint;
 mod data;
+mod l2;
 mod optim;
 mod outdir;
 mod params;
@@ -123,6 +124,11 @@ pub struct Args {
     /// Loss weight of a source's records (overrides their `weight` field).
     #[arg(long, value_name = "SOURCE=λ")]
     pub weight: Vec<String>,
+
+    /// ℓ2 regularisation toward the original weights: add λ/2·‖θ − θ₀‖² to the loss (with
+    /// LoRA, θ − θ₀ is the adapters' change of each adapted weight, (α/r)·B·A).
+    #[arg(long, value_name = "λ")]
+    pub l2_init: Option<f64>,
 
     /// Train a source's records towards the frozen original model's full next-token
     /// distribution (exact KL) instead of their sampled tokens.

@@ -2,15 +2,16 @@
 //! weight, f32 masters; LoRA: PEFT-initialised adapters on a frozen base), from `--model` or a
 //! checkpoint.
 
-use crate::save::LoraSpec;
 use crate::Args;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use cf_common::model::adapter::AdapterConfig;
 use cf_common::model::{Decoder, Lora, Mode, Model, Source};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub const ALL_TARGETS: [&str; 7] = [
@@ -32,12 +33,35 @@ pub struct Trainable {
     /// Full fine-tuning in a half-precision compute dtype: the decoder is rebuilt every step
     /// from the f32 master weights cast to it (gradients flow back through the cast).
     pub half: Option<DType>,
-    pub lora: Option<LoraSpec>,
+    pub lora: Option<AdapterConfig>,
     pub lora_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
 }
 
 pub fn lora_name(module: &str, ab: &str) -> String {
-    format!("base_model.model.{module}.lora_{ab}.weight")
+    cf_common::model::adapter::tensor_name(module, ab)
+}
+
+/// The adapter a run continues: `--adapter DIR`, or `--model` naming an adapter folder. Its
+/// settings stand; LoRA flags that contradict them are refused.
+pub fn start_adapter(args: &Args) -> Result<Option<(PathBuf, AdapterConfig, String)>> {
+    let (dir, base) = match &args.model.adapter {
+        Some(a) => (PathBuf::from(a), Some(args.model.model.clone())),
+        None if cf_common::model::adapter::is_adapter(Path::new(&args.model.model)) => {
+            (PathBuf::from(&args.model.model), None)
+        }
+        None => return Ok(None),
+    };
+    let cfg = AdapterConfig::read(&dir)?;
+    if args.lora_rank.is_some_and(|r| r != cfg.rank) {
+        bail!(
+            "--lora-rank {}: the adapter {} has rank {}",
+            args.lora_rank.unwrap(),
+            dir.display(),
+            cfg.rank
+        );
+    }
+    let base = base.unwrap_or_else(|| cfg.base_name());
+    Ok(Some((dir, cfg, base)))
 }
 
 /// Load the model with trainable parameters, from `--model` or from a checkpoint.
@@ -47,7 +71,8 @@ pub fn trainable(
     dtype: DType,
     resume: Option<&Path>,
 ) -> Result<Trainable> {
-    let Some(rank) = args.lora_rank else {
+    let start = start_adapter(args)?;
+    let Some(rank) = args.lora_rank.or(start.as_ref().map(|s| s.1.rank)) else {
         // Full fine-tuning: f32 master weights as Vars.
         let mut vars = Vec::new();
         let model = Model::load_with(
@@ -85,14 +110,23 @@ pub fn trainable(
             lora_rng: None,
         });
     };
-    // LoRA: frozen base weights (plain tensors: no gradient graph), f32 adapters.
-    let mut model = Model::load(&args.model.model, dtype, device, Mode::Train)?;
-    let targets: Vec<String> = if args.lora_targets.iter().any(|t| t == "all") {
-        ALL_TARGETS.iter().map(|s| s.to_string()).collect()
-    } else {
-        args.lora_targets.clone()
+    // LoRA: frozen base weights (plain tensors: no gradient graph), f32 adapters, started
+    // from PEFT's initialisation, from an adapter folder, or from a checkpoint.
+    let base = start
+        .as_ref()
+        .map_or(args.model.model.clone(), |s| s.2.clone());
+    let mut model = Model::load(&base, dtype, device, Mode::Train)?;
+    let (targets, alpha): (Vec<String>, f64) = match &start {
+        Some((_, c, _)) => (c.targets.clone(), c.alpha),
+        None => (
+            if args.lora_targets.iter().any(|t| t == "all") {
+                ALL_TARGETS.iter().map(|s| s.to_string()).collect()
+            } else {
+                args.lora_targets.clone()
+            },
+            args.lora_alpha.unwrap_or(rank as f64),
+        ),
     };
-    let alpha = args.lora_alpha.unwrap_or(rank as f64);
     let mut init = ChaCha8Rng::seed_from_u64(args.seed);
     init.set_stream(LORA_STREAM);
     let dropout_rng = {
@@ -100,11 +134,15 @@ pub fn trainable(
         r.set_stream(LORA_STREAM + 1);
         Arc::new(Mutex::new(r))
     };
-    let saved = match resume {
-        Some(dir) => Some(candle_core::safetensors::load(
-            dir.join("adapter_model.safetensors"),
-            device,
-        )?),
+    let from: Option<&Path> = resume.or(start.as_ref().map(|s| s.0.as_path()));
+    let saved = match from {
+        Some(dir) => {
+            let f = dir.join("adapter_model.safetensors");
+            Some(
+                candle_core::safetensors::load(&f, device)
+                    .map_err(|e| anyhow!("{}: {e}", f.display()))?,
+            )
+        }
         None => None,
     };
     let mut vars = Vec::new();
@@ -118,10 +156,10 @@ pub fn trainable(
         let (a, b) = match &saved {
             Some(s) => (
                 s.get(&an)
-                    .ok_or_else(|| anyhow!("checkpoint: {an} is missing"))?
+                    .ok_or_else(|| anyhow!("adapter: {an} is missing"))?
                     .to_dtype(DType::F32)?,
                 s.get(&bn)
-                    .ok_or_else(|| anyhow!("checkpoint: {bn} is missing"))?
+                    .ok_or_else(|| anyhow!("adapter: {bn} is missing"))?
                     .to_dtype(DType::F32)?,
             ),
             None => {
@@ -154,12 +192,7 @@ pub fn trainable(
     if vars.is_empty() {
         bail!("--lora-targets matched no module");
     }
-    let spec = LoraSpec {
-        rank,
-        alpha,
-        dropout: args.lora_dropout,
-        targets,
-    };
+    let spec = AdapterConfig::new(&base, rank, alpha, args.lora_dropout, targets);
     Ok(Trainable {
         model,
         vars,

@@ -119,6 +119,9 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
             );
         }
     }
+    if args.l2_init.is_some() && args.lora_rank.is_none() {
+        part("weights (original, --l2-init)", 4.0 * p, "f32 copy".into());
+    }
     if !args.exact_kl.is_empty() {
         part(
             "weights (original, --exact-kl)",

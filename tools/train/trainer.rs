@@ -5,7 +5,6 @@
 
 use crate::data::{inspect, Builder, Example};
 use crate::optim::{self, AdamW};
-use crate::save;
 use crate::Args;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
@@ -44,6 +43,9 @@ fn validate(args: &Args) -> Result<()> {
         if !(x >= 0.0 && x.is_finite()) {
             bail!("{n} must be >= 0, got {x}");
         }
+    }
+    if args.l2_init.is_some_and(|l| !(l >= 0.0 && l.is_finite())) {
+        bail!("--l2-init must be >= 0");
     }
     if args.batch_tokens == Some(0) {
         bail!("--batch-tokens must be >= 1");
@@ -196,7 +198,7 @@ pub fn run(args: &Args) -> Result<()> {
     let resume_dir = match (&args.resume_from, args.resume) {
         (Some(p), _) => Some(PathBuf::from(p)),
         (None, true) => Some(
-            save::latest_checkpoint(&out)
+            crate::save::latest_checkpoint(&out)
                 .ok_or_else(|| anyhow!("--resume: no checkpoint-N in {}", out.display()))?,
         ),
         _ => None,
@@ -248,7 +250,11 @@ pub fn run(args: &Args) -> Result<()> {
     let base = if args.exact_kl.is_empty() {
         None
     } else {
-        Some(Model::load(&args.model.model, dtype, &device, Mode::Infer)?)
+        Some(args.model.load(dtype, &device, Mode::Infer)?)
+    };
+    let l2 = match args.l2_init {
+        Some(lambda) => Some(crate::l2::L2Init::new(lambda, &t, &device)?),
+        None => None,
     };
     let mut opt = AdamW::new(
         t.vars.clone(),
@@ -379,6 +385,13 @@ pub fn run(args: &Args) -> Result<()> {
         if !loss_sum.is_finite() {
             bail!("step {step}: the loss is {loss_sum}; stopping without updating (last good checkpoint: {ckpt_note})");
         }
+        let l2_penalty = match &l2 {
+            Some(l) => Some(l.apply(&t, &mut grads)?),
+            None => None,
+        };
+        if let Some(p) = l2_penalty {
+            loss_sum += p;
+        }
         let grad_norm = optim::clip(&mut grads, args.max_grad_norm)?;
         if !grad_norm.is_finite() {
             bail!("step {step}: the gradient norm is {grad_norm}; stopping without updating (last good checkpoint: {ckpt_note})");
@@ -399,6 +412,7 @@ pub fn run(args: &Args) -> Result<()> {
             "loss_by_source": by_source,
             "learning_rate": lr,
             "grad_norm": grad_norm,
+            "l2_init": l2_penalty,
             "trained_tokens": denom,
             "num_tokens": num_tokens,
             "tokens_per_second": tokens as f64 / secs.max(1e-9),

@@ -51,7 +51,7 @@ fn from_cache(id: &str) -> Result<PathBuf> {
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     if !repo_dir.is_dir() {
         bail!(
-            "{id}: not a folder, and not in the Hugging Face cache at {} (cf never downloads; fetch it with `huggingface-cli download {repo}`)",
+            "{id}: not a folder, and not in the Hugging Face cache at {} (cf never downloads; fetch it with `hf download {repo}`)",
             cache.display()
         );
     }
@@ -109,7 +109,7 @@ impl ModelFiles {
         let config = dir.join("config.json");
         if !config.is_file() && dir.join("adapter_config.json").is_file() {
             bail!(
-                "{}: holds a LoRA adapter, not a model; use the merged model (cf-train --merge writes it to merged/)",
+                "{}: holds a LoRA adapter, not a model (load it as --model ADAPTER_DIR, or merge it with cf-merge)",
                 dir.display()
             );
         }

@@ -1,6 +1,7 @@
 //! Models: Hugging Face folders (config.json, safetensors, tokenizer files) and the one
 //! Llama-family decoder.
 
+pub mod adapter;
 pub mod attention;
 pub mod config;
 pub mod decoder;
@@ -28,6 +29,8 @@ pub struct Model {
     /// Every id that ends a sequence: config.json's, generation_config.json's and the
     /// tokenizer's EOS, sorted and without repeats.
     pub eos_ids: Vec<u32>,
+    /// The PEFT adapter on the base, when the model was given as an adapter folder.
+    pub adapter: Option<(std::path::PathBuf, adapter::AdapterConfig)>,
 }
 
 impl Model {
@@ -54,6 +57,10 @@ impl Model {
     /// Load a model folder or a cached model id. Config, weights and tokenizer are checked
     /// against each other before any tensor is read.
     pub fn load(name: &str, dtype: DType, device: &Device, mode: Mode) -> Result<Model> {
+        let dir = std::path::Path::new(name);
+        if adapter::is_adapter(dir) {
+            return Model::load_adapter(None, name, dtype, device, mode);
+        }
         Model::load_with(
             name,
             |cfg, weights| Decoder::new(cfg, weights, dtype, device, mode),
@@ -62,8 +69,46 @@ impl Model {
         )
     }
 
-    /// Config and tokenizer of a model folder, checked against each other, without weights.
+    /// A base model with a PEFT adapter on it: `base` or, when None, the adapter's own
+    /// `base_model_name_or_path` (with its `revision`).
+    pub fn load_adapter(
+        base: Option<&str>,
+        adapter_dir: &str,
+        dtype: DType,
+        device: &Device,
+        mode: Mode,
+    ) -> Result<Model> {
+        let dir = std::path::Path::new(adapter_dir);
+        if !dir.join("adapter_config.json").is_file() {
+            bail!("{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)");
+        }
+        let cfg = adapter::AdapterConfig::read(dir)?;
+        let base = base.map(String::from).unwrap_or_else(|| cfg.base_name());
+        let mut m = Model::load_with(
+            &base,
+            |c, weights| Decoder::new(c, weights, dtype, device, mode),
+            dtype,
+            device,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{adapter_dir}: base model {base}: {}",
+                crate::exit::one_line(&e)
+            )
+        })?;
+        adapter::attach(&mut m.decoder, dir, &cfg)?;
+        m.adapter = Some((dir.to_path_buf(), cfg));
+        Ok(m)
+    }
+
+    /// Config and tokenizer of a model folder (an adapter folder: of its base), checked
+    /// against each other, without weights.
     pub fn describe(name: &str) -> Result<(ModelFiles, Config, Tok, Vec<u32>)> {
+        let dir = std::path::Path::new(name);
+        if adapter::is_adapter(dir) {
+            let cfg = adapter::AdapterConfig::read(dir)?;
+            return Model::describe(&cfg.base_name());
+        }
         let files = ModelFiles::locate(name)?;
         let cfg = Config::load(&files.config)?;
         let tok = Tok::load(&files)?;
@@ -111,6 +156,7 @@ impl Model {
             decoder,
             tok,
             eos_ids,
+            adapter: None,
         })
     }
 }
