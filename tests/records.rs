@@ -1,5 +1,6 @@
 //! Records: JSONL and Parquet in and out, locations in errors, skipping, atomic outputs.
 
+use crate::util::*;
 use cf_common::record::{self, Output, Pos, ReadOptions, Writer};
 use serde_json::json;
 
@@ -135,4 +136,134 @@ fn corrupt_parquet_is_named() {
         .unwrap();
     assert!(cf_common::exit::one_line(&e)
         .starts_with(&format!("{}: not a readable Parquet file", p.display())));
+}
+
+#[test]
+fn compressed_inputs_are_read() {
+    // Parquet compressed with gzip, lz4 or brotli, and JSONL as .jsonl.gz / .jsonl.zst (and on
+    // stdin), read by cf-mix as the plain file is.
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{BrotliLevel, Compression, GzipLevel};
+    use parquet::file::properties::WriterProperties;
+    let d = tempfile::tempdir().unwrap();
+    let lines = "{\"text\":\"a\",\"n\":1}\n{\"text\":\"b\",\"n\":2}\n";
+    std::fs::write(d.path().join("plain.jsonl"), lines).unwrap();
+    let want = run("cf-mix", &["plain.jsonl", "-q"], d.path(), None).stdout;
+    assert_eq!(want.lines().count(), 2);
+    let schema = std::sync::Arc::new(arrow_schema::Schema::new(vec![
+        arrow_schema::Field::new("text", arrow_schema::DataType::Utf8, true),
+        arrow_schema::Field::new("n", arrow_schema::DataType::Int64, true),
+    ]));
+    let batch = arrow_array::RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            std::sync::Arc::new(arrow_array::StringArray::from(vec!["a", "b"])),
+            std::sync::Arc::new(arrow_array::Int64Array::from(vec![1, 2])),
+        ],
+    )
+    .unwrap();
+    for (name, c) in [
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+        ("lz4", Compression::LZ4_RAW),
+        ("brotli", Compression::BROTLI(BrotliLevel::default())),
+    ] {
+        let f = std::fs::File::create(d.path().join(format!("{name}.parquet"))).unwrap();
+        let props = WriterProperties::builder().set_compression(c).build();
+        let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let r = run(
+            "cf-mix",
+            &[&format!("plain:{name}.parquet"), "-q"],
+            d.path(),
+            None,
+        );
+        assert_eq!(r.code, 0, "{name}: {r}");
+        assert_eq!(r.stdout, want, "{name}");
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, lines.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    std::fs::write(d.path().join("plain.jsonl.gz"), &gz).unwrap();
+    std::fs::write(
+        d.path().join("plain.jsonl.zst"),
+        zstd::encode_all(lines.as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
+    for f in ["plain.jsonl.gz", "plain.jsonl.zst"] {
+        let r = run("cf-mix", &[&format!("plain:{f}"), "-q"], d.path(), None);
+        assert_eq!(r.stdout, want, "{f}: {r}");
+    }
+    let r = run("cf-mix", &["plain:-", "-q"], d.path(), Some(&gz));
+    assert_eq!(r.stdout, want, "gzip on stdin: {r}");
+}
+
+#[test]
+fn a_field_keeps_its_type_whatever_the_flags() {
+    // cf-sample's top_p, top_k and min_p are null unless set: in Parquet they are still float
+    // and int columns, so runs with other flags concatenate.
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture("llama");
+    let types = |extra: &[&str], out: &str| -> Vec<(String, String)> {
+        let mut a = vec![
+            "--model",
+            fx.to_str().unwrap(),
+            "-n",
+            "2",
+            "--max-tokens",
+            "2",
+            "-o",
+            out,
+            "-q",
+        ];
+        a.extend_from_slice(extra);
+        let r = run("cf-sample", &a, d.path(), None);
+        assert_eq!(r.code, 0, "{r}");
+        let reader =
+            SerializedFileReader::new(std::fs::File::open(d.path().join(out)).unwrap()).unwrap();
+        let schema = reader.metadata().file_metadata().schema_descr_ptr();
+        let mut v: Vec<(String, String)> = schema
+            .columns()
+            .iter()
+            .filter(|c| ["top_p", "top_k", "min_p", "temperature"].contains(&c.name()))
+            .map(|c| (c.name().to_string(), format!("{:?}", c.physical_type())))
+            .collect();
+        v.sort();
+        v
+    };
+    let plain = types(&[], "a.parquet");
+    let set = types(
+        &["--top-p", "0.9", "--top-k", "5", "--min-p", "0.1"],
+        "b.parquet",
+    );
+    assert_eq!(plain, set);
+    assert!(
+        plain.iter().any(|(n, t)| n == "top_p" && t == "DOUBLE"),
+        "{plain:?}"
+    );
+    assert!(
+        plain.iter().any(|(n, t)| n == "top_k" && t == "INT64"),
+        "{plain:?}"
+    );
+}
+
+#[test]
+fn stdin_with_a_ratio_is_a_source() {
+    // `cf-mix sft.jsonl=1 -=1`, as cf-mix --help writes it.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("sft.jsonl"),
+        "{\"text\":\"a\"}\n{\"text\":\"b\"}\n",
+    )
+    .unwrap();
+    let r = run(
+        "cf-mix",
+        &["sft.jsonl=1", "-=1", "--seed", "3", "-q"],
+        d.path(),
+        Some(b"{\"text\":\"c\"}\n"),
+    );
+    assert_eq!(r.code, 0, "{r}");
+    assert_eq!(r.stdout.lines().count(), 4);
+    assert_eq!(r.stdout.matches("\"source\":\"stdin\"").count(), 2, "{r}");
 }

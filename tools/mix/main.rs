@@ -98,7 +98,13 @@ enum By {
 fn main() -> ExitCode {
     cf_common::exit::run_main("cf-mix", || {
         cf_common::exit::on_sigbus_for_mapped_inputs("cf-mix");
-        run(cf_common::exit::parse::<Args>()?)
+        // `-=RATIO` (stdin with a ratio) looks like a short flag to clap: spell it
+        // `stdin:-=RATIO`, the label `-` gets anyway.
+        let argv = std::env::args_os().map(|a| match a.to_str() {
+            Some(s) if s.starts_with("-=") => format!("stdin:{s}").into(),
+            _ => a,
+        });
+        run(cf_common::exit::parse_from::<Args, _, _>(argv)?)
     })
 }
 

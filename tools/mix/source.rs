@@ -165,8 +165,10 @@ impl Source {
         need_tokens: bool,
         skip_bad: bool,
     ) -> Result<Source> {
+        // Plain JSONL files are memory-mapped; everything else (Parquet, compressed JSONL,
+        // stdin, pipes) is read once into a spool.
         let is_jsonl_file =
-            spec.path != "-" && Format::require(Path::new(&spec.path))? == Format::Jsonl;
+            spec.path != "-" && Format::from_path(Path::new(&spec.path)) == Some(Format::Jsonl);
         let (file, spool) = if is_jsonl_file {
             (
                 File::open(&spec.path).with_context(|| format!("{}: cannot open", spec.path))?,

@@ -178,6 +178,21 @@ impl Default for SchemaInfer {
     }
 }
 
+/// Top-level fields whose values were all null take the type cf gives them (schema.rs).
+fn typed_nulls(fields: &[(String, JType)]) -> Vec<(String, JType)> {
+    fields
+        .iter()
+        .map(|(n, t)| {
+            let t = match (t, super::schema::known_float(n)) {
+                (JType::Null, Some(true)) => JType::Float,
+                (JType::Null, Some(false)) => JType::Int,
+                _ => t.clone(),
+            };
+            (n.clone(), t)
+        })
+        .collect()
+}
+
 impl SchemaInfer {
     pub fn push(&mut self, rec: &Record) {
         let t = JType::Struct(rec.iter().map(|(k, v)| (k.clone(), infer(v))).collect());
@@ -188,7 +203,7 @@ impl SchemaInfer {
         let JType::Struct(fields) = &self.0 else {
             unreachable!()
         };
-        Arc::new(Schema::new(struct_fields(fields)))
+        Arc::new(Schema::new(struct_fields(&typed_nulls(fields))))
     }
 }
 
@@ -201,7 +216,7 @@ pub fn schema_for(records: &[Record]) -> Arc<Schema> {
     let JType::Struct(fields) = t else {
         unreachable!()
     };
-    Arc::new(Schema::new(struct_fields(&fields)))
+    Arc::new(Schema::new(struct_fields(&typed_nulls(&fields))))
 }
 
 /// Records as one Arrow batch of `schema` (from [`schema_for`] over a superset of them).

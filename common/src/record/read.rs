@@ -126,6 +126,16 @@ fn open_stream(
         }
         head.extend_from_slice(&b[..n]);
     }
+    // Compressed JSONL (or Parquet): .jsonl.gz, .jsonl.zst, or either on stdin.
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let d = flate2::read::MultiGzDecoder::new(io::Cursor::new(head).chain(stream));
+        return open_stream(name, Box::new(d), opts);
+    }
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let d = zstd::stream::read::Decoder::new(io::Cursor::new(head).chain(stream))
+            .with_context(|| format!("{name}: cannot read zstd"))?;
+        return open_stream(name, Box::new(d), opts);
+    }
     let inner = if head == b"PAR1" {
         // Parquet needs random access: hold the whole stream in memory.
         let mut all = head;

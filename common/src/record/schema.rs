@@ -31,3 +31,15 @@ pub const FINISH_REASON: &str = "finish_reason";
 pub const INDEX: &str = "index";
 pub const SEED: &str = "seed";
 pub const MODEL: &str = "model";
+
+/// The type of a field cf writes, for a column whose values are all null in some file: such a
+/// column still gets this type (an unused `top_p` is a float column of nulls, not text), so files
+/// from runs with other flags concatenate (polars, DuckDB).
+pub fn known_float(name: &str) -> Option<bool> {
+    match name {
+        LOGPROB | "temperature" | "top_p" | "min_p" | "weight" | "logprob_base"
+        | "logprob_model" | "kl_seq" | "kl_token" => Some(true),
+        N_TOKENS | INDEX | SEED | "top_k" | "max_tokens" => Some(false),
+        _ => None,
+    }
+}
