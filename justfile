@@ -12,6 +12,11 @@ test:
 demo:
     examples/forgetting/run.sh out/forgetting
 
+# The forgetting pipeline as make targets (redoes only what changed); OUT=... to choose the folder
+pipeline:
+    cargo build --release --bins --examples
+    make -C examples/forgetting
+
 # Decoder forward/decode and cf-sample throughput on CPU, beside transformers (when installed), same run
 bench:
     cargo build --release --bins

@@ -34,6 +34,10 @@ fn the_forgetting_experiment_runs_end_to_end() {
         "contextual-4x",
         "replay-4x",
         "lora",
+        "l2",
+        "wise-0.25",
+        "wise-0.5",
+        "wise-0.75",
     ];
     for r in runs {
         assert!(
@@ -56,4 +60,71 @@ fn the_forgetting_experiment_runs_end_to_end() {
         .unwrap();
         assert!(ev["compare"]["rows"].as_array().unwrap().len() >= 3);
     }
+    // Run again with another base: the base folder is replaced, not refused.
+    let o = Command::new(root().join("examples/forgetting/run.sh"))
+        .arg(&out)
+        .env("CF_BIN", &bin_dir)
+        .env("BASE_EPOCHS", "2")
+        .env("EPOCHS", "1")
+        .env("CF_SAMPLES", "16")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn the_makefile_redoes_only_what_changed() {
+    // examples/forgetting/Makefile: every target a tool's output. Built once, it is up to
+    // date; a changed task file redoes the mixes and what follows them, not the base model or
+    // its samples.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("f");
+    let cf = bin("cf-sample").parent().unwrap().to_path_buf();
+    let make = |extra: &[&str]| {
+        let mut c = Command::new("make");
+        c.arg("-C")
+            .arg(root().join("examples/forgetting"))
+            .arg(format!("OUT={}", out.display()))
+            .arg(format!("CF={}", cf.display()))
+            .args(["BASE_EPOCHS=1", "EPOCHS=1", "SAMPLES=16"])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let o = make(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "plain.eval.json",
+        "cf-4x.eval.json",
+        "plain.kl.json",
+        "cf-4x.kl.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    assert_eq!(
+        make(&["-q"]).status.code(),
+        Some(0),
+        "not up to date after a build"
+    );
+    // A newer task file.
+    let t = out.join("data/new_train.jsonl");
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .append(true)
+        .open(&t)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let plan = String::from_utf8_lossy(&make(&["-n"]).stdout).to_string();
+    assert!(
+        plan.contains("cf-mix") && plan.contains("cf-train") && plan.contains("cf-eval"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("cf-sample"),
+        "the samples were redone:\n{plan}"
+    );
+    assert!(
+        !plan.contains("base-init"),
+        "the base was retrained:\n{plan}"
+    );
 }
