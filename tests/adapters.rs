@@ -16,19 +16,6 @@ fn weights(p: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 fn data(dir: &Path) {
     let lines: String = (0..6)
         .map(|i| {
@@ -146,7 +133,7 @@ fn an_adapter_is_a_model_for_every_tool() {
     );
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {
-        assert!(max_diff(t, &b[k]) < 1e-6, "{k}");
+        assert!(tensor_max_diff(t, &b[k]) < 1e-6, "{k}");
     }
     let r = run(
         "cf-train",
@@ -236,7 +223,7 @@ fn cf_merge_merges_adapters_and_interpolates_models() {
         weights(&d.path().join("lo/merged/model.safetensors")),
     );
     for (k, t) in &b {
-        assert_eq!(max_diff(t, &a[k]), 0.0, "{k}");
+        assert_eq!(tensor_max_diff(t, &a[k]), 0.0, "{k}");
     }
     // WiSE-FT: α = 0 is the original, 1 the fine-tuned model, 0.5 the midpoint.
     let base = weights(&fixture("llama").join("model.safetensors"));
@@ -264,12 +251,12 @@ fn cf_merge_merges_adapters_and_interpolates_models() {
         weights(&d.path().join("wh/model.safetensors")),
     );
     for (k, t) in &base {
-        assert_eq!(max_diff(t, &w0[k]), 0.0, "{k}");
-        assert_eq!(max_diff(&b[k], &w1[k]), 0.0, "{k}");
+        assert_eq!(tensor_max_diff(t, &w0[k]), 0.0, "{k}");
+        assert_eq!(tensor_max_diff(&b[k], &w1[k]), 0.0, "{k}");
         let mid = ((t.to_dtype(DType::F64).unwrap() + b[k].to_dtype(DType::F64).unwrap()).unwrap()
             * 0.5)
             .unwrap();
-        assert!(max_diff(&mid, &wh[k]) < 1e-6, "{k}");
+        assert!(tensor_max_diff(&mid, &wh[k]) < 1e-6, "{k}");
     }
     // The adapter folder itself can be the fine-tuned side, and the result is a model.
     ok(run(
@@ -358,7 +345,7 @@ fn l2_init_adds_its_penalty_and_pulls_toward_the_original() {
     let dist = |out: &str| -> f64 {
         let w = weights(&d.path().join(out).join("model.safetensors"));
         base.iter()
-            .map(|(k, t)| max_diff(t, &w[k]))
+            .map(|(k, t)| tensor_max_diff(t, &w[k]))
             .fold(0.0, f64::max)
     };
     let strong = train("strong", &["--l2-init", "1000"]);

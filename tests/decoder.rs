@@ -646,18 +646,7 @@ fn blockwise_attention_has_the_plain_gradients() {
         .broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
         .unwrap();
     let plain = p.matmul(v.as_tensor()).unwrap();
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let diff = tensor_max_diff;
     assert!(
         diff(&ours, &plain) < 1e-12,
         "values differ by {}",

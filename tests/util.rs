@@ -156,3 +156,18 @@ pub fn perturbed_model(name: &str, dir: &Path, std: f32, seed: u64) -> PathBuf {
     cf_common::model::save::save_safetensors(&t, &out.join("model.safetensors")).unwrap();
     out
 }
+
+/// The largest |a − b| over two tensors of one shape, in f64.
+pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    use candle_core::DType;
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
