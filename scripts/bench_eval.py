@@ -31,7 +31,7 @@ root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 t0 = time.perf_counter()
 r = subprocess.run([os.path.join(root, "target/release/cf-eval"), "--model", model, "--task", task, "-q"], check=True, capture_output=True, text=True)
 cf_s = time.perf_counter() - t0
-cf_acc = json.loads(r.stdout)["results"]["mc300"]["acc"]
+cf_acc = json.loads(r.stdout)["results"]["mc300"]["acc,none"]
 
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402

@@ -26,7 +26,7 @@ def sync():
 
 
 def load():
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="sdpa").to(dev)
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(dev)
 
 
 m = load().eval()

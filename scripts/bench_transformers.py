@@ -23,7 +23,7 @@ except ImportError:
 threads = int(os.environ.get("CF_THREADS", os.cpu_count()))
 torch.set_num_threads(threads)
 model_dir = os.path.join(out, "model")
-model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
 model.eval()
 
 
@@ -84,7 +84,7 @@ res = subprocess.run([kl_bin, "--base", model_dir, "--model", model_dir, samples
                      check=True, capture_output=True, text=True)
 cf_kl = json.loads(res.stdout)["tokens_per_s"]
 recs = [json.loads(l) for l in open(samples)]
-base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def score_all():
