@@ -81,6 +81,7 @@ where
 /// /dev/null before `main`, so this is looked at earlier, from `.init_array`.
 static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 extern "C" fn note_closed_stdout() {
     // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
     if unsafe { libc::fcntl(1, libc::F_GETFD) } == -1 {
@@ -88,6 +89,7 @@ extern "C" fn note_closed_stdout() {
     }
 }
 
+#[cfg(target_os = "linux")]
 #[used]
 #[link_section = ".init_array"]
 static NOTE_CLOSED_STDOUT: extern "C" fn() = note_closed_stdout;
