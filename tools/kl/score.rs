@@ -64,37 +64,49 @@ impl Scorer<'_> {
         let hm = hidden(self.model)?;
         let hb = self.base.map(hidden).transpose()?;
         let n = owner.len();
-        let mut out: Vec<Scores> = (0..b)
-            .map(|_| Scores {
-                logprob_model: 0.0,
-                logprob_base: self.base.map(|_| 0.0),
-                kl_token: self.base.map(|_| 0.0),
-            })
-            .collect();
+        // Per-record sums stay on the device (f64 accumulators, index_add by owner); only
+        // 3 × batch numbers leave it, once.
+        let owner = Tensor::new(
+            owner
+                .iter()
+                .map(|&o| o as u32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            dev,
+        )?;
+        let zeros = || Tensor::zeros(b, DType::F64, dev);
+        let (mut sm, mut sb, mut sk) = (zeros()?, zeros()?, zeros()?);
         let mut start = 0;
         while start < n {
             let len = ROWS.min(n - start);
             let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let own = owner.narrow(0, start, len)?;
             let lpm = log_softmax(self.model, &hm.narrow(0, start, len)?)?;
-            let tm: Vec<f32> = lpm.gather(&tg, 1)?.squeeze(1)?.to_vec1()?;
-            let (tb, kl): (Vec<f32>, Vec<f32>) = match (&hb, self.base) {
-                (Some(hb), Some(base)) => {
-                    let lpb = log_softmax(base, &hb.narrow(0, start, len)?)?;
-                    let kl = (lpb.exp()? * (&lpb - &lpm)?)?.sum(D::Minus1)?;
-                    (lpb.gather(&tg, 1)?.squeeze(1)?.to_vec1()?, kl.to_vec1()?)
-                }
-                _ => (Vec::new(), Vec::new()),
-            };
-            for i in 0..len {
-                let s = &mut out[owner[start + i]];
-                s.logprob_model += tm[i] as f64;
-                if let (Some(lb), Some(k)) = (s.logprob_base.as_mut(), s.kl_token.as_mut()) {
-                    *lb += tb[i] as f64;
-                    *k += kl[i] as f64;
-                }
+            let tm = lpm.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+            sm = sm.index_add(&own, &tm, 0)?;
+            if let (Some(hb), Some(base)) = (&hb, self.base) {
+                let lpb = log_softmax(base, &hb.narrow(0, start, len)?)?;
+                let kl = (lpb.exp()? * (&lpb - &lpm)?)?
+                    .sum(D::Minus1)?
+                    .to_dtype(DType::F64)?;
+                let tb = lpb.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+                sb = sb.index_add(&own, &tb, 0)?;
+                sk = sk.index_add(&own, &kl, 0)?;
             }
             start += len;
         }
+        let (sm, sb, sk) = (
+            sm.to_vec1::<f64>()?,
+            sb.to_vec1::<f64>()?,
+            sk.to_vec1::<f64>()?,
+        );
+        let out = (0..b)
+            .map(|r| Scores {
+                logprob_model: sm[r],
+                logprob_base: self.base.map(|_| sb[r]),
+                kl_token: self.base.map(|_| sk[r]),
+            })
+            .collect();
         Ok(out)
     }
 }
