@@ -592,16 +592,7 @@ fn chunked_loss_and_checkpointing_give_the_plain_gradients() {
                     .unwrap()
                     .max(1e-3);
                 for (what, other) in [("chunked", &chunked), ("checkpointed", &ckpt)] {
-                    let d = (&g64 - other[name].to_dtype(DType::F64).unwrap())
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap();
+                    let d = tensor_max_diff(&g64, &other[name]);
                     assert!(
                         d <= tol * scale,
                         "{fam} {dtype:?} kl={kl} {what} {name}: |Δ| {d:e} (scale {scale:e})"
@@ -755,16 +746,7 @@ fn lora_gradients_through_the_chunked_loss_and_checkpointing_are_the_plain_ones(
                 .to_scalar::<f64>()
                 .unwrap()
                 .max(1e-6);
-            let diff = (g - &acc[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = tensor_max_diff(g, &acc[name]);
             assert!(
                 diff <= 1e-10 * scale,
                 "ckpt={ckpt} {name}: |Δ| {diff:e} (scale {scale:e})"

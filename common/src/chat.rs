@@ -27,8 +27,12 @@ pub fn has_generation_markers(template: &str) -> bool {
     generation_tag().is_match(template)
 }
 
-fn generation_tag() -> regex::Regex {
-    regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("valid regex")
+/// `{% generation %}` / `{% endgeneration %}`, with whitespace control; compiled once.
+fn generation_tag() -> &'static regex::Regex {
+    static TAG: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("valid regex")
+    });
+    &TAG
 }
 
 /// Render `template` for `messages` (a JSON array of `{role, content}`).

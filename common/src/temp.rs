@@ -67,6 +67,21 @@ fn hidden_prefix(dest: &Path) -> String {
     )
 }
 
+/// Fail now, not after hours of work, when an output cannot be written: its folder must exist
+/// and take a new file. `flag` names the output in the message.
+pub fn check_writable(path: &str, flag: &str) -> Result<()> {
+    let p = Path::new(path);
+    let dir = parent_of(p);
+    if p.is_dir() {
+        anyhow::bail!("{flag} {path}: is a directory");
+    }
+    tempfile::Builder::new()
+        .prefix(".cf-check.")
+        .tempfile_in(&dir)
+        .map(drop)
+        .with_context(|| format!("{flag} {path}: cannot write in {}", dir.display()))
+}
+
 /// A temporary file beside `dest` (`.NAME.XXXXXX.tmp`), for [`persist`] to rename into place.
 pub fn file_beside(dest: &Path) -> Result<NamedTempFile> {
     let dir = parent_of(dest);

@@ -26,6 +26,8 @@ pub struct Tok {
     pub vocab_len: usize,
     /// Bytes of the longest vocabulary entry (an upper bound on one token's text).
     pub longest_token: usize,
+    /// Whether tokenizer.json's post-processor adds special tokens (Llama-3's BOS) when asked.
+    pub adds_special_tokens: bool,
 }
 
 /// A prefix of `text` of at most `cap` bytes, cut after a whitespace when there is one in its
@@ -140,7 +142,12 @@ impl Tok {
             .map(|k| k.len())
             .max()
             .unwrap_or(1);
+        let adds_special_tokens = {
+            let enc = |special| inner.encode("a", special).map(|e| e.get_ids().to_vec());
+            matches!((enc(true), enc(false)), (Ok(a), Ok(b)) if a != b)
+        };
         Ok(Tok {
+            adds_special_tokens,
             longest_token,
             inner,
             bos_id,

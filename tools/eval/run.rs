@@ -412,24 +412,6 @@ fn compare(
     json!({"rows": rows, "forgetting": forgetting})
 }
 
-/// Fail now, not after hours of evaluation, when an output cannot be written: its folder
-/// must exist and take a new file.
-fn check_writable(path: &str, flag: &str) -> Result<()> {
-    let p = Path::new(path);
-    let dir = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if p.is_dir() {
-        bail!("{flag} {path}: is a directory");
-    }
-    tempfile::Builder::new()
-        .prefix(".cf-eval-check.")
-        .tempfile_in(dir)
-        .map(drop)
-        .with_context(|| format!("{flag} {path}: cannot write in {}", dir.display()))
-}
-
 pub fn run(args: &Args) -> Result<()> {
     let fields = Fields {
         context: args.context_field.clone(),
@@ -455,11 +437,11 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     if let Some(o) = &args.output {
-        check_writable(o, "-o")?;
+        cf_common::temp::check_writable(o, "-o")?;
     }
     if let Some(o) = &args.log_samples {
         Output::parse(Some(o))?;
-        check_writable(o, "--log-samples")?;
+        cf_common::temp::check_writable(o, "--log-samples")?;
     }
     let before: Option<Value> = match &args.compare {
         Some(p) => Some(
@@ -533,11 +515,11 @@ pub fn run(args: &Args) -> Result<()> {
         TOOL,
         model.describe_loaded(dtype, &device, load_t0.elapsed().as_secs_f64()),
     );
-    let sc = Scorer {
-        model: &model,
-        add_bos: args.add_bos_token,
-        max_len: model.cfg.max_position_embeddings,
-    };
+    let sc = Scorer::new(
+        &model,
+        args.add_bos_token,
+        model.cfg.max_position_embeddings,
+    )?;
     let (mut results, mut configs, mut versions, mut nshot) =
         (Map::new(), Map::new(), Map::new(), Map::new());
     let (mut better, mut nsamples) = (Map::new(), Map::new());

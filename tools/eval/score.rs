@@ -13,6 +13,8 @@ pub struct Scorer<'a> {
     pub add_bos: Option<bool>,
     /// lm-eval's max_length (the model's max_position_embeddings).
     pub max_len: usize,
+    /// The prefix token's text: a text starting with it gets no second one.
+    prefix_text: String,
 }
 
 /// (log-likelihood, whether every continuation token was the argmax).
@@ -23,7 +25,21 @@ pub fn py_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
-impl Scorer<'_> {
+impl<'a> Scorer<'a> {
+    pub fn new(model: &'a Model, add_bos: Option<bool>, max_len: usize) -> Result<Scorer<'a>> {
+        let prefix = model
+            .tok
+            .document_start()
+            .ok_or_else(|| anyhow!("the tokenizer has neither BOS nor EOS"))?;
+        let prefix_text = model.tok.decode(&[prefix], false)?;
+        Ok(Scorer {
+            model,
+            add_bos,
+            max_len,
+            prefix_text,
+        })
+    }
+
     /// lm-eval's `prefix_token_id`: BOS, else EOS.
     pub fn prefix(&self) -> Result<u32> {
         self.model
@@ -51,8 +67,7 @@ impl Scorer<'_> {
     /// lm-eval's `tok_encode`: no special tokens when the text already starts with the prefix
     /// token's text (no second BOS), else as `add_bos_token` says.
     pub fn tok_encode(&self, s: &str) -> Result<Vec<u32>> {
-        let prefix = self.model.tok.decode(&[self.prefix()?], false)?;
-        if !prefix.is_empty() && s.starts_with(&prefix) {
+        if !self.prefix_text.is_empty() && s.starts_with(&self.prefix_text) {
             return self.model.tok.encode(s, false);
         }
         self.encode_special(s, self.add_bos)

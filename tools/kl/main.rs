@@ -105,7 +105,7 @@ fn run(args: Args) -> Result<()> {
         }
     }
     if let Some(o) = per_record.as_ref().and_then(|o| o.path.as_ref()) {
-        cf_common::temp::file_beside(o).map(drop)?;
+        cf_common::temp::check_writable(&o.display().to_string(), "--per-record")?;
     }
     let device = args.model.device()?;
     let dtype = args.model.dtype(&device)?;

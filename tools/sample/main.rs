@@ -108,7 +108,7 @@ fn run(args: Args) -> Result<()> {
     let output = Output::parse(args.output.as_deref())?;
     if let Some(o) = &output.path {
         // A path that cannot be written fails now, not after the model is loaded.
-        cf_common::temp::file_beside(o).map(drop)?;
+        cf_common::temp::check_writable(&o.display().to_string(), "-o")?;
     }
     let prompts = match &args.prompts {
         Some(p) => {

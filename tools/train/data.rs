@@ -127,13 +127,11 @@ impl Builder<'_> {
     /// document-start token goes in front.
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         let text = self.bounded(text);
-        let with = self.tok.encode(text, true)?;
-        let without = self.tok.encode(text, false)?;
-        if with != without {
-            return Ok(with);
+        if self.tok.adds_special_tokens {
+            return self.tok.encode(text, true);
         }
         let mut ids = vec![self.start()?];
-        ids.extend(without);
+        ids.extend(self.tok.encode(text, false)?);
         Ok(ids)
     }
 

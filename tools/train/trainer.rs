@@ -188,7 +188,7 @@ pub fn run(args: &Args) -> Result<()> {
     let dtype = args.model.dtype(&device)?;
     if let Some(m) = &args.metrics {
         // Fail now, not after the model is loaded.
-        cf_common::temp::file_beside(Path::new(m)).map(drop)?;
+        cf_common::temp::check_writable(m, "--metrics")?;
     }
     let resuming = args.resume || args.resume_from.is_some();
     let (_owned, notes) = crate::outdir::claim(&out, resuming, args.overwrite)?;
