@@ -8,7 +8,7 @@ build:
 test:
     cargo test --release
 
-# The main job: the forgetting experiment in miniature (about 4 minutes on 2 cores)
+# The main job: the forgetting experiment in miniature, 5 seeds with 95% intervals (about 4 minutes on 2 cores)
 demo:
     examples/forgetting/run.sh out/forgetting
 

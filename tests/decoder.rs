@@ -196,6 +196,7 @@ fn kv_cache_equals_full_forward_and_dropping_rows_keeps_the_rest() {
     let pre = Tensor::new(&[[1u32, 20, 30], [1, 21, 31], [1, 22, 32]], &dev).unwrap();
     let mut got = vec![m.decoder.forward(&pre, Some(&mut cache)).unwrap()];
     let mut rows: Vec<usize> = vec![0, 1, 2];
+    #[allow(clippy::needless_range_loop)] // `pos` indexes each row of `seqs`
     for pos in 3..6 {
         if pos == 4 {
             rows = vec![0, 2];
