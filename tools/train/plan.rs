@@ -9,7 +9,8 @@
 //!   frozen base weights, which live until the backward pass ends);
 //! - optimizer: AdamW's two f32 moments per trainable weight;
 //! - activations: what one decoder layer keeps for its backward pass (norms, projections,
-//!   rotary temporaries, repeated keys and values, the MLP; attention keeps no probabilities),
+//!   rotated queries and keys, repeated keys and values, the MLP; the fused norm, rotary and
+//!   SiLU·mul kernels keep no temporaries, attention keeps no probabilities),
 //!   for every layer, or with `--gradient-checkpointing` each layer's input plus one layer's
 //!   graph; and one block of attention scores being computed;
 //! - loss: one chunk of logits and their gradient, the output weight's f32 gradient.
@@ -27,7 +28,7 @@ use serde_json::{json, Value};
 /// projections, norms, rotary temporaries, repeated keys and values, MLP; the count leaves
 /// out some reshapes made contiguous): fitted on CPU runs of the small benchmark model
 /// (scripts/bench_train_memory.sh) and checked on other shapes there.
-const LINEAR_FACTOR: f64 = 1.28;
+const LINEAR_FACTOR: f64 = 1.22;
 /// Attention keeps no probabilities (model::attention); its passes hold a block of queries'
 /// scores, probabilities and their gradients: four f32 copies of (heads × 256 × T).
 const BLOCK_COPIES: f64 = 4.0;
@@ -145,8 +146,17 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     }
     part("gradients", grads, gnote);
     part("optimizer", 8.0 * trainable, "AdamW moments, f32".into());
-    // One layer's saved tensors (the code's count; see decoder.rs).
-    let linear = 9.0 * n * h + 8.0 * n * (q + 2.0 * kv) + 5.0 * n * q + 4.0 * n * i;
+    // One layer's saved tensors (the code's count; see decoder.rs and model::fused): the
+    // residual stream, both norms' outputs, the attention and MLP outputs (6 n·h); q as
+    // projected, made contiguous, rotated, the attention output and its contiguous copy (5 n·q);
+    // k likewise and v projected and made contiguous (5 n·kv); keys and values repeated per
+    // query head when heads are grouped (2 n·q); gate, up and silu(gate)·up (3 n·i).
+    let grouped = if cfg.num_kv_heads < cfg.num_heads {
+        2.0 * n * q
+    } else {
+        0.0
+    };
+    let linear = 6.0 * n * h + 5.0 * n * q + 5.0 * n * kv + grouped + 3.0 * n * i;
     let one_layer = LINEAR_FACTOR * linear * dt + lora_act;
     let backward = BLOCK_COPIES * b * heads * BLOCK.min(t) * t * 4.0;
     let (acts, anote) = if ckpt {

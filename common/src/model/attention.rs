@@ -6,6 +6,9 @@
 //!   P = softmax(Q Kᵀ·s + causal mask), O = P V;
 //!   dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = dS K·s, dK = dSᵀ Q·s.
 //!
+//! A block of queries is scored only against the keys it may see (the causal mask hides the
+//! rest), which halves attention's work at long lengths.
+//!
 //! Memory per layer: a block of BLOCK × T scores instead of several T × T copies. Scores and
 //! softmax are computed in f32 (f64 for f64 inputs), as the plain path does. CPU only: on CUDA
 //! the decoder keeps the plain composition.
@@ -42,12 +45,22 @@ fn mask(
     Tensor::from_vec(m, (n, t), dev)?.to_dtype(dt)
 }
 
-/// Probabilities of a block of queries `qb` (b, h, n, d) starting at q0 against `k`.
+/// Probabilities of a block of queries `qb` (b, h, n, d) starting at q0 against the keys
+/// `k` it may see (the first q0 + n: later ones are masked, so they are never computed).
 fn probs(qb: &Tensor, k: &Tensor, q0: usize, scale: f64) -> candle_core::Result<Tensor> {
     let (n, t) = (qb.dim(2)?, k.dim(2)?);
     let s = (qb.matmul(&k.t()?)? * scale)?;
     let s = s.broadcast_add(&mask(q0, n, t, s.dtype(), qb.device())?)?;
     candle_nn::ops::softmax_last_dim(&s)
+}
+
+/// The keys (or values) a block of queries ending at `end` may see: (b, h, end, d).
+fn visible(x: &Tensor, end: usize) -> candle_core::Result<Tensor> {
+    if end == x.dim(2)? {
+        Ok(x.clone())
+    } else {
+        x.narrow(2, 0, end)?.contiguous()
+    }
 }
 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
@@ -60,7 +73,8 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Resul
     while q0 < t {
         let n = BLOCK.min(t - q0);
         let qb = q.narrow(2, q0, n)?;
-        out.push(probs(&qb, &k, q0, scale)?.matmul(&v)?);
+        let (kb, vb) = (visible(&k, q0 + n)?, visible(&v, q0 + n)?);
+        out.push(probs(&qb, &kb, q0, scale)?.matmul(&vb)?);
         q0 += n;
     }
     Tensor::cat(&out, 2)?.to_dtype(dt)
@@ -136,13 +150,17 @@ impl CustomOp3 for CausalAttention {
                 o.narrow(2, q0, n)?,
                 go.narrow(2, q0, n)?,
             );
-            let p = probs(&qb, &k, q0, self.scale)?;
-            dv = (dv + p.t()?.matmul(&gob)?)?;
-            let dp = gob.matmul(&v.t()?)?;
+            // Only the keys this block sees get gradient from it: the first q0 + n.
+            let m = q0 + n;
+            let (kb, vb) = (visible(&k, m)?, visible(&v, m)?);
+            let p = probs(&qb, &kb, q0, self.scale)?;
+            let pad = |x: Tensor| x.pad_with_zeros(2, 0, t - m);
+            dv = (dv + pad(p.t()?.matmul(&gob)?)?)?;
+            let dp = gob.matmul(&vb.t()?)?;
             let rows = (&gob * &ob)?.sum_keepdim(D::Minus1)?;
             let ds = (p * dp.broadcast_sub(&rows)?)?;
-            dq.push((ds.matmul(&k)? * self.scale)?);
-            dk = (dk + (ds.t()?.matmul(&qb)? * self.scale)?)?;
+            dq.push((ds.matmul(&kb)? * self.scale)?);
+            dk = (dk + pad((ds.t()?.matmul(&qb)? * self.scale)?)?)?;
             q0 += n;
         }
         Ok((

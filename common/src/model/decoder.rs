@@ -133,6 +133,10 @@ impl Norm {
                         *eps as f32,
                     )?);
                 }
+                // The fused kernel with its own backward (CPU); candle's operations elsewhere.
+                if let Some(y) = super::fused::rms_norm(x, weight, *eps)? {
+                    return Ok(y);
+                }
                 let xf = x.to_dtype(upcast(dt))?;
                 let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let n = xf.broadcast_div(&(ms + *eps)?.sqrt()?)?;
@@ -188,6 +192,8 @@ impl Rope {
         let sin = self.sin.narrow(0, offset, t)?;
         if mode == Mode::Infer && x.dtype() != DType::F64 {
             Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        } else if let Some(y) = super::fused::rope(x, &cos, &sin)? {
+            Ok(y)
         } else {
             Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?)
         }
@@ -367,8 +373,8 @@ struct Block {
 
 impl Block {
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let h = super::fused::silu_mul(&self.gate.forward(x)?, &self.up.forward(x)?)?;
+        self.down.forward(&h)
     }
 
     fn forward(

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod files;
+pub mod fused;
 pub mod save;
 pub mod staged;
 pub mod vocab_loss;

@@ -1,0 +1,612 @@
+//! Fused, threaded CPU kernels for the decoder's elementwise hot paths, each with its own
+//! backward pass: candle's elementwise ops run one pass (and one allocation) per operation on
+//! one thread, and its fused `rms_norm`/`rope` kernels have no backward.
+//!
+//! - [`silu_mul`]: `silu(g) · u`, the gated MLP's product (one pass instead of four).
+//! - [`rms_norm`]: transformers' `LlamaRMSNorm`: statistics in f32 (f64 for f64), the
+//!   normalised value rounded to the input type, then times the weight.
+//! - [`rope`]: rotary embedding (the non-interleaved halves of transformers' `rotate_half`);
+//!   its backward is the inverse rotation.
+//!
+//! Each works on f32 and f64 natively and on bf16/f16 through f32, over rows in parallel
+//! (rayon's pool, the threads candle's own kernels use). On other devices the callers keep
+//! candle's composition (the same values): these are CPU kernels.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+use num_traits::Float;
+use rayon::prelude::*;
+
+type R<T> = candle_core::Result<T>;
+
+fn err<T>(m: impl Into<String>) -> R<T> {
+    Err(candle_core::Error::Msg(m.into()))
+}
+
+/// The contiguous elements of a CPU storage, as f32 or f64 working copies (bf16/f16
+/// converted) or borrowed slices.
+enum Data<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    F64(&'a [f64]),
+}
+
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> R<Data<'a>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        return err("fused op: a non-contiguous input");
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Data::F32(std::borrow::Cow::Borrowed(&v[a..b])),
+        CpuStorage::F64(v) => Data::F64(&v[a..b]),
+        CpuStorage::BF16(v) => Data::F32(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => Data::F32(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        _ => return err("fused op: a float input is needed"),
+    })
+}
+
+/// A computed f32 result back in the storage type `dt` (rounded for bf16/f16).
+fn store32(v: Vec<f32>, dt: DType) -> R<CpuStorage> {
+    Ok(match dt {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        _ => return err("fused op: unexpected dtype"),
+    })
+}
+
+/// Rounds an f32 the way storing it in `dt` and reading it back does.
+fn round_to(x: f32, dt: DType) -> f32 {
+    match dt {
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+        DType::F16 => f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// Rows per parallel task: enough work per task to amortise the scheduling.
+fn chunk_rows(d: usize) -> usize {
+    (16384 / d.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// silu(g) · u
+
+struct SiluMul;
+
+fn silu_mul_k<T: Float + Send + Sync>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(16384)
+        .zip(g.par_chunks(16384).zip(u.par_chunks(16384)))
+        .for_each(|(o, (g, u))| {
+            for i in 0..o.len() {
+                o[i] = g[i] / (T::one() + (-g[i]).exp()) * u[i];
+            }
+        });
+    out
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "cf-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        let dt = s1.dtype();
+        let out = match (data(s1, l1)?, data(s2, l2)?) {
+            (Data::F64(g), Data::F64(u)) => CpuStorage::F64(silu_mul_k(g, u)),
+            (Data::F32(g), Data::F32(u)) => store32(silu_mul_k(&g, &u), dt)?,
+            _ => return err("silu_mul: mixed dtypes"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let go = grad.detach().contiguous()?;
+        let (g, u) = (g.detach(), u.detach());
+        let dg = g.apply_op3_no_bwd(&u, &go, &SiluMulGrad { wrt_g: true })?;
+        let du = g.apply_op3_no_bwd(&u, &go, &SiluMulGrad { wrt_g: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// The gradient of silu(g)·u: with s = σ(g), ∂/∂g = go·u·s·(1 + g(1 − s)), ∂/∂u = go·g·s.
+struct SiluMulGrad {
+    wrt_g: bool,
+}
+
+fn silu_mul_grad_k<T: Float + Send + Sync>(g: &[T], u: &[T], go: &[T], wrt_g: bool) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    let n = 16384;
+    out.par_chunks_mut(n).enumerate().for_each(|(c, o)| {
+        let base = c * n;
+        for i in 0..o.len() {
+            let (g, u, go) = (g[base + i], u[base + i], go[base + i]);
+            let s = T::one() / (T::one() + (-g).exp());
+            o[i] = if wrt_g {
+                go * u * s * (T::one() + g * (T::one() - s))
+            } else {
+                go * g * s
+            };
+        }
+    });
+    out
+}
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "cf-silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        let dt = s1.dtype();
+        let out = match (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?) {
+            (Data::F64(g), Data::F64(u), Data::F64(go)) => {
+                CpuStorage::F64(silu_mul_grad_k(g, u, go, self.wrt_g))
+            }
+            (Data::F32(g), Data::F32(u), Data::F32(go)) => {
+                store32(silu_mul_grad_k(&g, &u, &go, self.wrt_g), dt)?
+            }
+            _ => return err("silu_mul: mixed dtypes"),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// `silu(g) · u`, differentiable in both. A fused threaded kernel on the CPU, candle's two
+/// operations elsewhere.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if !g.device().is_cpu() || g.shape() != u.shape() || g.dtype() != u.dtype() {
+        return g.silu()? * u;
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// Per row: r = 1/sqrt(mean(x²) + eps), y = round(x·r) · w.
+fn rms_fwd_k<T: Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    eps: f64,
+    dt: DType,
+    round: fn(T, DType) -> T,
+) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    let eps = T::from(eps).unwrap();
+    let n = T::from(d).unwrap();
+    let cr = chunk_rows(d);
+    out.par_chunks_mut(cr * d)
+        .zip(x.par_chunks(cr * d))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                let ms = x.iter().fold(T::zero(), |a, &v| a + v * v) / n;
+                let r = T::one() / (ms + eps).sqrt();
+                for j in 0..d {
+                    o[j] = round(x[j] * r, dt) * w[j];
+                }
+            }
+        });
+    out
+}
+
+/// dx = r·(dn − x̂·mean(dn·x̂)) with dn = go·w and x̂ = x·r, per row; dw = Σ_rows go·round(x̂).
+/// Returned as one buffer: dx (x's elements) then dw (d elements).
+fn rms_bwd_k<T: Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    go: &[T],
+    eps: f64,
+    dt: DType,
+    round: fn(T, DType) -> T,
+) -> Vec<T> {
+    let d = w.len();
+    let eps = T::from(eps).unwrap();
+    let n = T::from(d).unwrap();
+    let cr = chunk_rows(d);
+    let mut dx = vec![T::zero(); x.len()];
+    let dw = dx
+        .par_chunks_mut(cr * d)
+        .zip(x.par_chunks(cr * d).zip(go.par_chunks(cr * d)))
+        .map(|(o, (x, go))| {
+            let mut dw = vec![T::zero(); d];
+            for (o, (x, go)) in o.chunks_mut(d).zip(x.chunks(d).zip(go.chunks(d))) {
+                let ms = x.iter().fold(T::zero(), |a, &v| a + v * v) / n;
+                let r = T::one() / (ms + eps).sqrt();
+                let mut dot = T::zero();
+                for j in 0..d {
+                    let xh = x[j] * r;
+                    dot = dot + go[j] * w[j] * xh;
+                    dw[j] = dw[j] + go[j] * round(xh, dt);
+                }
+                let m = dot / n;
+                for j in 0..d {
+                    o[j] = r * (go[j] * w[j] - x[j] * r * m);
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![T::zero(); d],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a = *a + b;
+                }
+                a
+            },
+        );
+    dx.extend(dw);
+    dx
+}
+
+fn no_round64(x: f64, _: DType) -> f64 {
+    x
+}
+
+fn round32(x: f32, dt: DType) -> f32 {
+    round_to(x, dt)
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "cf-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        let dt = s1.dtype();
+        let out = match (data(s1, l1)?, data(s2, l2)?) {
+            (Data::F64(x), Data::F64(w)) => {
+                CpuStorage::F64(rms_fwd_k(x, w, self.eps, dt, no_round64))
+            }
+            (Data::F32(x), Data::F32(w)) => store32(rms_fwd_k(&x, &w, self.eps, dt, round32), dt)?,
+            _ => return err("rms_norm: mixed dtypes"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>)> {
+        let go = grad.detach().contiguous()?;
+        let both = x
+            .detach()
+            .apply_op3_no_bwd(&w.detach(), &go, &RmsNormGrad { eps: self.eps })?;
+        let n = x.elem_count();
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = both.narrow(0, n, w.elem_count())?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "cf-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let dt = s1.dtype();
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        let out = match (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?) {
+            (Data::F64(x), Data::F64(w), Data::F64(go)) => {
+                CpuStorage::F64(rms_bwd_k(x, w, go, self.eps, dt, no_round64))
+            }
+            (Data::F32(x), Data::F32(w), Data::F32(go)) => {
+                store32(rms_bwd_k(&x, &w, &go, self.eps, dt, round32), dt)?
+            }
+            _ => return err("rms_norm: mixed dtypes"),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// transformers' RMSNorm of x (…, d) with weight w (d), differentiable in both. A fused
+/// threaded kernel on the CPU; `None` elsewhere (the caller composes candle's operations).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
+    if !x.device().is_cpu()
+        || x.dtype() != w.dtype()
+        || x.dim(candle_core::D::Minus1)? != w.elem_count()
+    {
+        return Ok(None);
+    }
+    Ok(Some(
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps })?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+
+/// x (b, h, t, d) rotated by the angles of cos/sin (t, d/2); `inverse` rotates back (the
+/// backward pass of the rotation).
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_k<T: Float + Send + Sync>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    t: usize,
+    d: usize,
+    inverse: bool,
+) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .for_each(|(o, x)| {
+            for p in 0..t {
+                let (o, x) = (&mut o[p * d..(p + 1) * d], &x[p * d..(p + 1) * d]);
+                let (c, s) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                for i in 0..half {
+                    let s = if inverse { -s[i] } else { s[i] };
+                    let (a, b) = (x[i], x[i + half]);
+                    o[i] = a * c[i] - b * s;
+                    o[i + half] = b * c[i] + a * s;
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "cf-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> R<(CpuStorage, Shape)> {
+        let shape = l1.shape().clone();
+        let dims = shape.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let dt = s1.dtype();
+        let out = match (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?) {
+            (Data::F64(x), Data::F64(c), Data::F64(s)) => {
+                CpuStorage::F64(rope_k(x, c, s, t, d, self.inverse))
+            }
+            (Data::F32(x), Data::F32(c), Data::F32(s)) => {
+                store32(rope_k(&x, &c, &s, t, d, self.inverse), dt)?
+            }
+            _ => return err("rope: mixed dtypes"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> R<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.detach().contiguous()?.apply_op3_no_bwd(
+            &cos.detach(),
+            &sin.detach(),
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding of x (b, h, t, d) with cos/sin (t, d/2), differentiable in x. A fused
+/// threaded kernel on the CPU; `None` elsewhere.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let dims = x.dims();
+    if !x.device().is_cpu()
+        || dims.len() != 4
+        || x.dtype() != cos.dtype()
+        || cos.dims() != [dims[2], dims[3] / 2]
+        || sin.dims() != cos.dims()
+        || dims[3] % 2 != 0
+    {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn rand(shape: &[usize], seed: u64, dt: DType) -> Tensor {
+        // A small deterministic generator: values in (-2, 2).
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Values and gradients (through a random linear read-out) of the fused op and of candle's
+    /// composition, on the same inputs.
+    fn check(
+        dt: DType,
+        tol: f64,
+        shapes: &[&[usize]],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        plain: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&rand(s, i as u64 + 1, dt)).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), plain(&ts));
+        assert!(
+            max_diff(&a, &b) <= tol,
+            "values differ by {}",
+            max_diff(&a, &b)
+        );
+        let r = rand(a.dims(), 99, dt);
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v), gb.get(v));
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    let d = max_diff(x, y);
+                    assert!(d <= tol, "input {i}: gradients differ by {d}");
+                }
+                (None, None) => {}
+                _ => panic!("input {i}: a gradient on one side only"),
+            }
+        }
+    }
+
+    #[test]
+    fn fused_kernels_match_candles_composition_with_gradients() {
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            check(
+                dt,
+                tol,
+                &[&[3, 5, 70], &[3, 5, 70]],
+                |t| silu_mul(&t[0], &t[1]).unwrap(),
+                |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            );
+            let eps = 1e-5;
+            check(
+                dt,
+                tol,
+                &[&[2, 37, 48], &[48]],
+                |t| rms_norm(&t[0], &t[1], eps).unwrap().unwrap(),
+                |t| {
+                    let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                    t[0].broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+                        .unwrap()
+                        .broadcast_mul(&t[1])
+                        .unwrap()
+                },
+            );
+            // Rotary: x (b, h, t, d) from a transposed (not contiguous) view, as the decoder's.
+            let (cos, sin) = (
+                rand(&[6, 8], 7, dt).cos().unwrap(),
+                rand(&[6, 8], 7, dt).sin().unwrap(),
+            );
+            let (c2, s2) = (cos.clone(), sin.clone());
+            check(
+                dt,
+                tol,
+                &[&[2, 6, 3, 16]],
+                move |t| {
+                    rope(&t[0].transpose(1, 2).unwrap(), &cos, &sin)
+                        .unwrap()
+                        .unwrap()
+                },
+                move |t| {
+                    candle_nn::rotary_emb::rope_slow(&t[0].transpose(1, 2).unwrap(), &c2, &s2)
+                        .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_rms_norm_rounds_the_normalised_value_as_transformers_does() {
+        let x = rand(&[4, 32], 3, DType::F32);
+        let w = rand(&[32], 4, DType::BF16);
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let got = rms_norm(&xb, &w, 1e-6).unwrap().unwrap();
+        // transformers: (x.float() * rsqrt(mean(x²) + eps)).to(bf16) * w
+        let xf = xb.to_dtype(DType::F32).unwrap();
+        let ms = xf.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let n = xf
+            .broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
+        let want = n.to_dtype(DType::BF16).unwrap().broadcast_mul(&w).unwrap();
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+}
