@@ -60,37 +60,50 @@ fn bos_settings_match_lm_eval() {
         ),
     ] {
         let reference = reference(file);
-        let mut a = vec!["--task", mc.as_str(), "--task", wino.as_str()];
-        a.extend(flag);
-        let (report, samples) = eval(d.path(), model, &a);
-        for (task, ours) in [("cf_mc", "mc"), ("cf_wino", "wino")] {
-            let want = &reference["tasks"][task];
-            let got = &report["results"][ours];
-            for k in ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr"] {
-                if want.get(k).is_none() || task == "cf_wino" && k.starts_with("acc_norm") {
-                    continue;
+        // One question at a time, and (--batch-size 5) rows of several questions per forward.
+        for batch in ["1", "5"] {
+            let mut a = vec![
+                "--task",
+                mc.as_str(),
+                "--task",
+                wino.as_str(),
+                "--batch-size",
+                batch,
+            ];
+            a.extend(flag);
+            let (report, samples) = eval(d.path(), model, &a);
+            for (task, ours) in [("cf_mc", "mc"), ("cf_wino", "wino")] {
+                let want = &reference["tasks"][task];
+                let got = &report["results"][ours];
+                for k in ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr"] {
+                    if want.get(k).is_none() || task == "cf_wino" && k.starts_with("acc_norm") {
+                        continue;
+                    }
+                    let key = format!("{k},none");
+                    close(
+                        got[&key].as_f64().unwrap(),
+                        want[k].as_f64().unwrap(),
+                        1e-9,
+                        &format!("{file} {task} {key}"),
+                    );
                 }
-                let key = format!("{k},none");
-                close(
-                    got[&key].as_f64().unwrap(),
-                    want[k].as_f64().unwrap(),
-                    1e-9,
-                    &format!("{file} {task} {key}"),
-                );
-            }
-            let lls: Vec<&Value> = samples
-                .iter()
-                .filter(|s| s["task"] == ours)
-                .map(|s| &s["loglikelihoods"])
-                .collect();
-            assert_eq!(lls.len(), want["loglikelihoods"].as_array().unwrap().len());
-            for (doc, (g, w)) in lls
-                .iter()
-                .zip(want["loglikelihoods"].as_array().unwrap())
-                .enumerate()
-            {
-                let diff = max_abs_diff(&floats(g), &floats(w));
-                assert!(diff < 1e-4, "{file} {task} doc {doc}: |Δ| = {diff}");
+                let lls: Vec<&Value> = samples
+                    .iter()
+                    .filter(|s| s["task"] == ours)
+                    .map(|s| &s["loglikelihoods"])
+                    .collect();
+                assert_eq!(lls.len(), want["loglikelihoods"].as_array().unwrap().len());
+                for (doc, (g, w)) in lls
+                    .iter()
+                    .zip(want["loglikelihoods"].as_array().unwrap())
+                    .enumerate()
+                {
+                    let diff = max_abs_diff(&floats(g), &floats(w));
+                    assert!(
+                        diff < 1e-4,
+                        "{file} {task} doc {doc} (batch {batch}): |Δ| = {diff}"
+                    );
+                }
             }
         }
     }
@@ -103,22 +116,28 @@ fn inputs_longer_than_the_model_match_lm_eval() {
     // documents of the same lengths, with BOS (the tokenizer's default) and without.
     let d = tempfile::tempdir().unwrap();
     let r = reference("reference-long.json");
-    let (report, samples) = eval(d.path(), "llama", &["--task", &fx_eval("long_mc.jsonl")]);
-    let want = &r["long_mc"]["bos-default"];
-    for (doc, (s, w)) in samples
-        .iter()
-        .zip(want["loglikelihoods"].as_array().unwrap())
-        .enumerate()
-    {
-        let diff = max_abs_diff(&floats(&s["loglikelihoods"]), &floats(w));
-        assert!(diff < 1e-4, "long_mc doc {doc}: |Δ| = {diff}");
+    for batch in ["1", "4"] {
+        let (report, samples) = eval(
+            d.path(),
+            "llama",
+            &["--task", &fx_eval("long_mc.jsonl"), "--batch-size", batch],
+        );
+        let want = &r["long_mc"]["bos-default"];
+        for (doc, (s, w)) in samples
+            .iter()
+            .zip(want["loglikelihoods"].as_array().unwrap())
+            .enumerate()
+        {
+            let diff = max_abs_diff(&floats(&s["loglikelihoods"]), &floats(w));
+            assert!(diff < 1e-4, "long_mc doc {doc}: |Δ| = {diff}");
+        }
+        close(
+            report["results"]["long_mc"]["acc,none"].as_f64().unwrap(),
+            want["acc"].as_f64().unwrap(),
+            1e-9,
+            "long_mc acc",
+        );
     }
-    close(
-        report["results"]["long_mc"]["acc,none"].as_f64().unwrap(),
-        want["acc"].as_f64().unwrap(),
-        1e-9,
-        "long_mc acc",
-    );
     // The perplexity documents, as cf-eval's {"text"} layout.
     let pages: String = std::fs::read_to_string(fx_eval("long_ppl.jsonl"))
         .unwrap()

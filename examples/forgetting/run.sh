@@ -126,7 +126,8 @@ drain
 # 5. Measure every model: old skills and the new task (cf-eval, each question logged), distance
 #    from the base on the held-out samples (cf-kl, each sample's value kept).
 say "evaluating"
-tasks=(--task "$d/old_capitals.jsonl" --task "$d/old_sums.jsonl" --task "$d/new_eval.jsonl" "${limit[@]}")
+tasks=(--task "$d/old_capitals.jsonl" --task "$d/old_sums.jsonl" --task "$d/new_eval.jsonl" --batch-size 64
+  "${limit[@]}")
 job cf-eval --model "$base" "${tasks[@]}" -q -o "$out/runs/base.eval.json" --log-samples "$out/runs/base.samples.jsonl"
 for s in $SEEDS; do
   for run in "${trained[@]}" "${wise[@]}"; do

@@ -94,6 +94,12 @@ pub struct Args {
     #[arg(long)]
     pub limit: Option<usize>,
 
+    /// Score up to N (context, choice) rows in one forward pass, across questions (lm-eval's
+    /// --batch_size; the fastest N depends on the model and device). 1: one question at a time,
+    /// its context computed once for all its choices.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+
     /// Generative tasks: answers per problem (pass@1 is their mean; pass@k and maj@k use them).
     #[arg(short = 'n', long = "num-samples", default_value_t = 1)]
     pub n: usize,

@@ -40,18 +40,71 @@ fn argmax(xs: &[f64]) -> usize {
     (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b })
 }
 
+/// Every document's log-likelihoods: one question at a time (`batch` 1: its context once for
+/// all its choices), or `batch` rows at a time across questions.
+fn score_docs(
+    sc: &Scorer,
+    name: &str,
+    docs: &[McDoc],
+    batch: usize,
+    progress: &Progress,
+) -> Result<Vec<Vec<crate::score::Ll>>> {
+    if batch <= 1 {
+        return docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let r = sc
+                    .loglikelihoods(&d.requests)
+                    .with_context(|| format!("{name}: document {i}"));
+                progress.inc(1);
+                r
+            })
+            .collect();
+    }
+    // Documents in groups of about `batch` rows, so progress moves and memory stays bounded.
+    let mut out = Vec::with_capacity(docs.len());
+    let mut start = 0;
+    while start < docs.len() {
+        let (mut end, mut rows) = (start, 0);
+        while end < docs.len() && (rows == 0 || rows + docs[end].requests.len() <= 8 * batch) {
+            rows += docs[end].requests.len();
+            end += 1;
+        }
+        let mut pairs = Vec::with_capacity(rows);
+        for (i, d) in docs[start..end].iter().enumerate() {
+            for (c, k) in &d.requests {
+                pairs.push(
+                    sc.encode_pair(c, k)
+                        .with_context(|| format!("{name}: document {}", start + i))?,
+                );
+            }
+        }
+        let lls = sc
+            .score_batched(&pairs, batch)
+            .with_context(|| format!("{name}: documents {start}–{}", end - 1))?;
+        let mut o = 0;
+        for d in &docs[start..end] {
+            out.push(lls[o..o + d.requests.len()].to_vec());
+            o += d.requests.len();
+        }
+        progress.inc((end - start) as u64);
+        start = end;
+    }
+    Ok(out)
+}
+
 fn multiple_choice(
     sc: &Scorer,
     name: &str,
     docs: &[McDoc],
+    batch: usize,
     samples: &mut Vec<Record>,
     progress: &Progress,
 ) -> Result<Map<String, Value>> {
     let (mut acc, mut acc_norm, mut acc_bytes) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, d) in docs.iter().enumerate() {
-        let lls = sc
-            .loglikelihoods(&d.requests)
-            .with_context(|| format!("{name}: document {i}"))?;
+    let scored = score_docs(sc, name, docs, batch, progress)?;
+    for ((i, d), lls) in docs.iter().enumerate().zip(scored) {
         let ll: Vec<f64> = lls.iter().map(|x| x.0).collect();
         let pred = argmax(&ll);
         let by_chars: Vec<f64> = ll
@@ -83,7 +136,6 @@ fn multiple_choice(
         r.insert("acc".into(), json!(acc[i]));
         r.insert("acc_norm".into(), json!(acc_norm[i]));
         samples.push(r);
-        progress.inc(1);
     }
     let mut m = Map::new();
     put(&mut m, "acc", "none", &acc);
@@ -545,7 +597,14 @@ pub fn run(args: &Args) -> Result<()> {
             Task::MultipleChoice(d) => (
                 "multiple_choice",
                 d.len(),
-                multiple_choice(&sc, name, d, &mut samples, &progress)?,
+                multiple_choice(
+                    &sc,
+                    name,
+                    d,
+                    args.batch_size as usize,
+                    &mut samples,
+                    &progress,
+                )?,
             ),
             Task::Perplexity(d) => (
                 "loglikelihood_rolling",

@@ -1,6 +1,6 @@
 //! Log-likelihood requests scored as lm-evaluation-harness 0.4.13's HF backend does (its
 //! tokenisation rules, truncation and rolling windows), with the context computed once per
-//! question for all its choices.
+//! question for all its choices, or (`--batch-size N`) many questions' rows in one forward pass.
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -202,6 +202,63 @@ impl<'a> Scorer<'a> {
         kept.iter()
             .map(|(c, k)| self.shared(c, std::slice::from_ref(k)).map(|v| v[0]))
             .collect()
+    }
+
+    /// Score (context, continuation) pairs of many questions, up to `rows` of them in one
+    /// forward pass (lm-eval's batching): each pair is one row, its context and continuation
+    /// but the continuation's last token, right-padded (the causal mask keeps padding out of
+    /// every real position). Longest rows first, as lm-eval orders them; results in input
+    /// order. Only the continuation positions' hidden states go through the output layer.
+    pub fn score_batched(&self, pairs: &[(Vec<u32>, Vec<u32>)], rows: usize) -> Result<Vec<Ll>> {
+        let d = &self.model.decoder;
+        let dev = d.device();
+        let mut kept = Vec::with_capacity(pairs.len());
+        for (c, k) in pairs {
+            kept.push((self.truncate(c, k)?, k.clone()));
+        }
+        let len = |i: usize| kept[i].0.len() + kept[i].1.len() - 1;
+        let mut order: Vec<usize> = (0..kept.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+        let mut out = vec![(0.0, false); kept.len()];
+        for chunk in order.chunks(rows.max(1)) {
+            let w = chunk.iter().map(|&i| len(i)).max().unwrap_or(1);
+            let mut ids = vec![0u32; chunk.len() * w];
+            let (mut at, mut next) = (Vec::new(), Vec::new());
+            for (r, &i) in chunk.iter().enumerate() {
+                let (c, k) = &kept[i];
+                let row = &mut ids[r * w..r * w + len(i)];
+                row[..c.len()].copy_from_slice(c);
+                row[c.len()..].copy_from_slice(&k[..k.len() - 1]);
+                // Position c.len() − 1 + j predicts k[j].
+                for (j, &tok) in k.iter().enumerate() {
+                    at.push((r * w + c.len() - 1 + j) as u32);
+                    next.push(tok);
+                }
+            }
+            let h = d.forward_hidden(&Tensor::from_vec(ids, (chunk.len(), w), dev)?, None)?;
+            let h = h
+                .reshape((chunk.len() * w, h.dim(2)?))?
+                .index_select(&Tensor::new(at.as_slice(), dev)?, 0)?;
+            let lp = lsm(d.logits(&h)?)?;
+            let n = next.len();
+            let tg = Tensor::from_vec(next.clone(), (n, 1), dev)?;
+            let lps: Vec<f32> = lp.gather(&tg, 1)?.squeeze(1)?.to_vec1()?;
+            let best: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
+            let mut o = 0;
+            for &i in chunk {
+                let k = kept[i].1.len();
+                let ll: f64 = lps[o..o + k].iter().map(|&x| x as f64).sum();
+                if !ll.is_finite() {
+                    bail!(
+                        "{}: the model gives a non-finite log-likelihood ({ll}); do its weights hold NaN or inf?",
+                        self.model.files.dir.display()
+                    );
+                }
+                out[i] = (ll, best[o..o + k] == next[o..o + k]);
+                o += k;
+            }
+        }
+        Ok(out)
     }
 
     /// Score one question's requests.

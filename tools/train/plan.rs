@@ -29,6 +29,8 @@ use serde_json::{json, Value};
 /// out some reshapes made contiguous): fitted on CPU runs of the small benchmark model
 /// (scripts/bench_train_memory.sh) and checked on other shapes there.
 const LINEAR_FACTOR: f64 = 1.22;
+/// The same for candle's composed operations (CUDA), measured on CPU before the fused kernels.
+const COMPOSED_FACTOR: f64 = 1.28;
 /// Attention keeps no probabilities (model::attention); its passes hold a block of queries'
 /// scores, probabilities and their gradients: four f32 copies of (heads × 256 × T).
 const BLOCK_COPIES: f64 = 4.0;
@@ -49,8 +51,11 @@ fn targets_of(args: &Args) -> Vec<String> {
 }
 
 pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
+    // The CPU runs the fused kernels; CUDA composes candle's operations (model::decoder).
+    let cuda = args.model.device.starts_with("cuda");
     let dt = match args.model.dtype.as_deref() {
         Some(d) => cf_common::cli::parse_dtype(d)?.size_in_bytes() as f64,
+        None if cuda => 2.0,
         None => 4.0,
     };
     let (h, i, v, l) = (
@@ -156,9 +161,20 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     } else {
         0.0
     };
-    let linear = 6.0 * n * h + 5.0 * n * q + 5.0 * n * kv + grouped + 3.0 * n * i;
-    let one_layer = LINEAR_FACTOR * linear * dt + lora_act;
-    let backward = BLOCK_COPIES * b * heads * BLOCK.min(t) * t * 4.0;
+    // Attention keeps no probabilities on either device (model::attention); its passes hold a
+    // block of queries' scores, probabilities and their gradients.
+    let blocks = BLOCK_COPIES * b * heads * BLOCK.min(t) * t * 4.0;
+    let (linear, factor, backward) = if cuda {
+        // candle's composed norm, rotary and SiLU keep their temporaries (the count before the
+        // fused kernels, with its CPU-measured factor); the attention op's GPU path also copies
+        // q, k and v and casts them to f32 while it runs.
+        let linear = 9.0 * n * h + 8.0 * n * (q + 2.0 * kv) + 5.0 * n * q + 4.0 * n * i;
+        (linear, COMPOSED_FACTOR, blocks + (3.0 * dt + 12.0) * n * q)
+    } else {
+        let linear = 6.0 * n * h + 5.0 * n * q + 5.0 * n * kv + grouped + 3.0 * n * i;
+        (linear, LINEAR_FACTOR, blocks)
+    };
+    let one_layer = factor * linear * dt + lora_act;
     let (acts, anote) = if ckpt {
         (
             l * n * h * dt + one_layer + backward,
@@ -224,7 +240,10 @@ pub fn report(args: &Args, cfg: &Config, parts: &[Part]) -> Value {
         "tokens_per_micro_batch": args.max_length * args.batch_tokens.map_or(args.batch_size, |bt| (bt / args.max_length).max(1)),
         "lora_rank": args.lora_rank,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "dtype": args.model.dtype.clone().unwrap_or("f32".into()),
+        "dtype": args.model.dtype.clone().unwrap_or(
+            if args.model.device.starts_with("cuda") { "bf16" } else { "f32" }.into()
+        ),
+        "device": args.model.device,
     })
 }
 

@@ -10,8 +10,8 @@
 //! rest), which halves attention's work at long lengths.
 //!
 //! Memory per layer: a block of BLOCK × T scores instead of several T × T copies. Scores and
-//! softmax are computed in f32 (f64 for f64 inputs), as the plain path does. CPU only: on CUDA
-//! the decoder keeps the plain composition.
+//! softmax are computed in f32 (f64 for f64 inputs), as the plain path does. On the CPU and on
+//! CUDA (the same candle operations, run on the GPU).
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
@@ -118,6 +118,42 @@ impl CustomOp3 for CausalAttention {
         match &*st {
             Storage::Cpu(c) => Ok((c.clone(), shape)),
             _ => Err(candle_core::Error::Msg("attention: not on the CPU".into())),
+        }
+    }
+
+    /// The same composition on the GPU: the inputs are wrapped as tensors (copies), the blocks
+    /// run as candle's CUDA operations, and only the output is kept.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let wrap = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
+            if !(l.is_contiguous() && l.start_offset() == 0) {
+                return Err(candle_core::Error::Msg(
+                    "attention: inputs must be contiguous".into(),
+                ));
+            }
+            Ok(Tensor::from_storage(
+                Storage::Cuda(s.try_clone(l)?),
+                l.shape().clone(),
+                candle_core::op::BackpropOp::none(),
+                false,
+            ))
+        };
+        let o =
+            forward(&wrap(s1, l1)?, &wrap(s2, l2)?, &wrap(s3, l3)?, self.scale)?.contiguous()?;
+        let shape = o.shape().clone();
+        let (st, l) = o.storage_and_layout();
+        match &*st {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, shape)),
+            _ => Err(candle_core::Error::Msg("attention: not on the GPU".into())),
         }
     }
 

@@ -316,9 +316,13 @@ impl Attention {
             None => (k.contiguous()?, v),
         };
         let len = k.dim(2)?;
-        if mode == Mode::Train && x.device().is_cpu() && mask.is_some() && offset == 0 {
-            // Training on the CPU: attention that keeps no (heads × t × t) probabilities for
-            // the backward pass (super::attention), keys and values repeated per query head.
+        if mode == Mode::Train
+            && (x.device().is_cpu() || x.device().is_cuda())
+            && mask.is_some()
+            && offset == 0
+        {
+            // Training: attention that keeps no (heads × t × t) probabilities for the backward
+            // pass (super::attention), keys and values repeated per query head.
             let n_rep = self.heads / kvh;
             let rep = |x: Tensor| -> Result<Tensor> {
                 if n_rep == 1 {
