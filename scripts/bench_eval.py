@@ -5,7 +5,8 @@
 
 Makes a 300-question, 4-choice task in cf-eval's layout (contexts of ~40 words), runs cf-eval and
 lm-eval (hf backend, float32, CPU, batch size 1 and 16) on out/bench/model, checks that they
-agree on acc, and prints wall times (each including model load).
+agree on acc, and prints wall times (each including model load); cf-eval at --batch-size 1, 16
+and 64, lm-eval at 1 and 16.
 """
 import json
 import os
@@ -28,15 +29,16 @@ with open(task, "w") as f:
         choices = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(4)]
         f.write(json.dumps({"context": ctx, "choices": choices, "gold": rng.randrange(4)}) + "\n")
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-t0 = time.perf_counter()
-r = subprocess.run([os.path.join(root, "target/release/cf-eval"), "--model", model, "--task", task, "-q"], check=True, capture_output=True, text=True)
-cf_s = time.perf_counter() - t0
-cf_acc = json.loads(r.stdout)["results"]["mc300"]["acc,none"]
+rows = []
+for bs in [1, 16, 64]:
+    t0 = time.perf_counter()
+    r = subprocess.run([os.path.join(root, "target/release/cf-eval"), "--model", model, "--task", task, "--batch-size", str(bs), "-q"],
+                       check=True, capture_output=True, text=True)
+    rows.append((f"cf-eval batch {bs}", time.perf_counter() - t0, json.loads(r.stdout)["results"]["mc300"]["acc,none"]))
 
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-rows = [("cf-eval", cf_s, cf_acc)]
 with tempfile.TemporaryDirectory() as d:
     open(os.path.join(d, "mc300.yaml"), "w").write(
         f"task: mc300\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task}\ntest_split: test\n"

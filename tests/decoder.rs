@@ -755,3 +755,131 @@ fn lora_gradients_through_the_chunked_loss_and_checkpointing_are_the_plain_ones(
         }
     }
 }
+
+// The fused CPU kernels (cf_common::model::fused) against candle's composition: values and
+// gradients.
+mod fused_kernels {
+    use crate::util::tensor_max_diff;
+    use candle_core::{DType, Device, Tensor, Var, D};
+    use cf_common::model::fused;
+
+    fn rand_tensor(shape: &[usize], seed: u64, dt: DType) -> Tensor {
+        // A small deterministic generator: values in (-2, 2).
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    }
+
+    /// Values and gradients (through a random linear read-out) of the fused op and of candle's
+    /// composition, on the same inputs.
+    fn check(
+        dt: DType,
+        tol: f64,
+        shapes: &[&[usize]],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        plain: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let vars: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&rand_tensor(s, i as u64 + 1, dt)).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), plain(&ts));
+        assert!(
+            tensor_max_diff(&a, &b) <= tol,
+            "values differ by {}",
+            tensor_max_diff(&a, &b)
+        );
+        let r = rand_tensor(a.dims(), 99, dt);
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v), gb.get(v));
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    let d = tensor_max_diff(x, y);
+                    assert!(d <= tol, "input {i}: gradients differ by {d}");
+                }
+                (None, None) => {}
+                _ => panic!("input {i}: a gradient on one side only"),
+            }
+        }
+    }
+
+    #[test]
+    fn fused_kernels_match_candles_composition_with_gradients() {
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            check(
+                dt,
+                tol,
+                &[&[3, 5, 70], &[3, 5, 70]],
+                |t| fused::silu_mul(&t[0], &t[1]).unwrap(),
+                |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            );
+            let eps = 1e-5;
+            check(
+                dt,
+                tol,
+                &[&[2, 37, 48], &[48]],
+                |t| fused::rms_norm(&t[0], &t[1], eps).unwrap().unwrap(),
+                |t| {
+                    let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                    t[0].broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+                        .unwrap()
+                        .broadcast_mul(&t[1])
+                        .unwrap()
+                },
+            );
+            // Rotary: x (b, h, t, d) from a transposed (not contiguous) view, as the decoder's.
+            let (cos, sin) = (
+                rand_tensor(&[6, 8], 7, dt).cos().unwrap(),
+                rand_tensor(&[6, 8], 7, dt).sin().unwrap(),
+            );
+            let (c2, s2) = (cos.clone(), sin.clone());
+            check(
+                dt,
+                tol,
+                &[&[2, 6, 3, 16]],
+                move |t| {
+                    fused::rope(&t[0].transpose(1, 2).unwrap(), &cos, &sin)
+                        .unwrap()
+                        .unwrap()
+                },
+                move |t| {
+                    candle_nn::rotary_emb::rope_slow(&t[0].transpose(1, 2).unwrap(), &c2, &s2)
+                        .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_rms_norm_rounds_the_normalised_value_as_transformers_does() {
+        let x = rand_tensor(&[4, 32], 3, DType::F32);
+        let w = rand_tensor(&[32], 4, DType::BF16);
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        let got = fused::rms_norm(&xb, &w, 1e-6).unwrap().unwrap();
+        // transformers: (x.float() * rsqrt(mean(x²) + eps)).to(bf16) * w
+        let xf = xb.to_dtype(DType::F32).unwrap();
+        let ms = xf.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let n = xf
+            .broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
+        let want = n.to_dtype(DType::BF16).unwrap().broadcast_mul(&w).unwrap();
+        assert_eq!(tensor_max_diff(&got, &want), 0.0);
+    }
+}
