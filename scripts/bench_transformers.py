@@ -74,6 +74,33 @@ with torch.no_grad():
     hf_s = time.perf_counter() - t0
 rows.append(("cf-sample vs generate (wall, incl. load)", n, n * max_tokens / cf_s, n * max_tokens / hf_s))
 
+# cf-sample against generate at batch 1, 32 and 256 on the same model with 50k and 128k
+# vocabularies (random output layers): the per-token sampling work grows with the vocabulary.
+tok_files = [f for f in os.listdir(model_dir) if f.startswith("tokenizer") or f == "generation_config.json"]
+for vocab in [50304, 128256]:
+    vdir = os.path.join(out, f"model-v{vocab}")
+    if not os.path.isdir(vdir):
+        cfg = transformers.AutoConfig.from_pretrained(model_dir)
+        cfg.vocab_size = vocab
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(vdir)
+        for f in tok_files:
+            subprocess.run(["cp", os.path.join(model_dir, f), vdir], check=True)
+    vm = transformers.AutoModelForCausalLM.from_pretrained(vdir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    steps = 32
+    for b in [1, 32, 256]:
+        t0 = time.perf_counter()
+        subprocess.run([cf, "--model", vdir, "-n", str(b), "--batch-size", str(b), "--max-tokens", str(steps),
+                        "--ignore-eos", "-q"], check=True, stdout=subprocess.DEVNULL)
+        cf_s = time.perf_counter() - t0
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            vm.generate(torch.ones((b, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
+                        max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+            hf_s = time.perf_counter() - t0
+        rows.append((f"cf-sample vs generate, vocabulary {vocab} (wall, incl. load)", b, b * steps / cf_s, b * steps / hf_s))
+        print(rows[-1], file=sys.stderr, flush=True)
+
 # cf-kl (two models score every sample; exact token KL) against a PyTorch forward doing the same.
 samples = os.path.join(out, "cfs.jsonl")
 with open(samples, "w") as f:
