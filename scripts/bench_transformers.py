@@ -72,7 +72,7 @@ with torch.no_grad():
     model.generate(torch.ones((n, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
                    max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=0)
     hf_s = time.perf_counter() - t0
-rows.append(("cf-sample vs generate (wall, incl. load)", n, n * max_tokens / cf_s, n * max_tokens / hf_s))
+rows.append(("cf-sample vs generate, vocabulary 8192 (wall, incl. load)", n, n * max_tokens / cf_s, n * max_tokens / hf_s))
 
 # cf-sample against generate at batch 1, 32 and 256 on the same model with 50k and 128k
 # vocabularies (random output layers): the per-token sampling work grows with the vocabulary.
