@@ -149,9 +149,28 @@ fn threads_from_env() {
     }
 }
 
+/// glibc's allocator hands every block above a moving threshold (128 KiB at first) back to the
+/// kernel when freed, and trims the heap's top above 128 KiB, so each forward pass's activations,
+/// logits and gradients arrive as fresh pages that fault in and are zeroed. Keeping freed
+/// memory in the process for reuse (blocks up to glibc's largest threshold, 32 MiB, from the
+/// heap; no trimming) measured +30% tokens/s for cf-kl on this project's CPU benchmark, with the
+/// same peak memory in cf-train's. Glibc only; `GLIBC_TUNABLES` set by the user still wins.
+pub fn allocator_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        // SAFETY: mallopt only adjusts allocator parameters; called while the process has one
+        // thread, before the tool allocates its working set.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
+
 /// Run a tool's body and turn its result into the process exit code.
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     threads_from_env();
+    allocator_reuse();
     on_signal(tool.to_string());
     match body() {
         Ok(()) => ExitCode::SUCCESS,
