@@ -61,18 +61,23 @@ with torch.no_grad():
         rows.append((r["what"], b, r["tokens_per_s"], hf))
 
 # cf-sample (the binary, records written) against generate(do_sample, top_k=0), fixed length.
-n, max_tokens = 32, 64
 cf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "cf-sample")
-t0 = time.perf_counter()
-subprocess.run([cf, "--model", model_dir, "-n", str(n), "--batch-size", str(n), "--max-tokens", str(max_tokens),
-                "--ignore-eos", "-q"], check=True, stdout=subprocess.DEVNULL)
-cf_s = time.perf_counter() - t0
-with torch.no_grad():
+
+
+def sample_vs_generate(label, mdir, hf_model, b, steps):
     t0 = time.perf_counter()
-    model.generate(torch.ones((n, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
-                   max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=0)
-    hf_s = time.perf_counter() - t0
-rows.append(("cf-sample vs generate, vocabulary 8192 (wall, incl. load)", n, n * max_tokens / cf_s, n * max_tokens / hf_s))
+    subprocess.run([cf, "--model", mdir, "-n", str(b), "--batch-size", str(b), "--max-tokens", str(steps),
+                    "--ignore-eos", "-q"], check=True, stdout=subprocess.DEVNULL)
+    cf_s = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        hf_model.generate(torch.ones((b, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
+                          max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
+        hf_s = time.perf_counter() - t0
+    rows.append((label, b, b * steps / cf_s, b * steps / hf_s))
+
+
+sample_vs_generate("cf-sample vs generate, vocabulary 8192 (wall, incl. load)", model_dir, model, 32, 64)
 
 # cf-sample against generate at batch 1, 32 and 256 on the same model with 50k and 128k
 # vocabularies (random output layers): the per-token sampling work grows with the vocabulary.
@@ -87,18 +92,8 @@ for vocab in [50304, 128256]:
         for f in tok_files:
             subprocess.run(["cp", os.path.join(model_dir, f), vdir], check=True)
     vm = transformers.AutoModelForCausalLM.from_pretrained(vdir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    steps = 32
     for b in [1, 32, 256]:
-        t0 = time.perf_counter()
-        subprocess.run([cf, "--model", vdir, "-n", str(b), "--batch-size", str(b), "--max-tokens", str(steps),
-                        "--ignore-eos", "-q"], check=True, stdout=subprocess.DEVNULL)
-        cf_s = time.perf_counter() - t0
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            vm.generate(torch.ones((b, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
-                        max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)
-            hf_s = time.perf_counter() - t0
-        rows.append((f"cf-sample vs generate, vocabulary {vocab} (wall, incl. load)", b, b * steps / cf_s, b * steps / hf_s))
+        sample_vs_generate(f"cf-sample vs generate, vocabulary {vocab} (wall, incl. load)", vdir, vm, b, 32)
         print(rows[-1], file=sys.stderr, flush=True)
 
 # cf-kl (two models score every sample; exact token KL) against a PyTorch forward doing the same.
