@@ -104,10 +104,17 @@ fn loss_masking_matches_a_hand_computed_example() {
     )
     .unwrap();
     // --inspect shows the labels: -100 on BOS and the prompt, the ids on the completion and EOS.
-    let r = ok(train(
-        d.path(),
-        &["pc.jsonl", "-o", "out", "--inspect", "1"],
-    ));
+    // It writes nothing, so it needs no output folder, and creates none.
+    let r = ok(train(d.path(), &["pc.jsonl", "--inspect", "1"]));
+    assert_eq!(
+        r.stdout,
+        ok(train(
+            d.path(),
+            &["pc.jsonl", "-o", "out", "--inspect", "1"]
+        ))
+        .stdout
+    );
+    assert!(!d.path().join("out").exists());
     let m = Model::load(
         fixture("llama").to_str().unwrap(),
         DType::F64,

@@ -53,8 +53,9 @@ pub struct Args {
     pub input: Option<String>,
 
     /// Output folder: the final model, checkpoint-N/ folders, and (with --merge) merged/.
-    #[arg(short = 'o', long, value_name = "DIR")]
-    pub output: String,
+    /// Not needed with --inspect or --plan, which write nothing.
+    #[arg(short = 'o', long, value_name = "DIR", required_unless_present_any = ["inspect", "plan"])]
+    pub output: Option<String>,
 
     /// TOML file of flag values (keys are the flag names); command-line flags override it.
     #[arg(long, value_name = "FILE")]

@@ -109,7 +109,6 @@ pub fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     let weights = cf_common::cli::loss_weights(&args.weight)?;
-    let out = PathBuf::from(&args.output);
     let (_files, cfg, mut tok, eos_ids) = Model::describe(&args.model.model)?;
     if let Some(p) = &args.chat_template {
         tok.chat_template =
@@ -158,6 +157,8 @@ pub fn run(args: &Args) -> Result<()> {
         so.flush()?;
         return Ok(());
     }
+    // clap requires --output unless --inspect or --plan, which have returned by now.
+    let out = PathBuf::from(args.output.as_deref().context("--output is required")?);
     for s in &args.exact_kl {
         if !examples.iter().any(|e| &e.source == s) {
             bail!("--exact-kl {s}: no record has source {s:?}");
