@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// Sampling parameters. The defaults (temperature 1, no truncation) draw exactly from the
 /// model's distribution, which is what an unbiased KL estimate needs.
@@ -208,14 +209,28 @@ pub fn generate(
         let t = h.dim(1)?;
         let logits = dec.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
         let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        // Each row samples from its own stream, so the rows run in parallel and every draw is
+        // the same as one after another. `active` is in ascending row order.
+        let mut streams: Vec<&mut ChaCha8Rng> = Vec::with_capacity(active.len());
+        let mut want = active.iter().peekable();
+        for (row, rng) in rngs.iter_mut().enumerate() {
+            if want.peek() == Some(&&row) {
+                streams.push(rng);
+                want.next();
+            }
+        }
+        let drawn: Vec<Option<(u32, f64)>> = streams
+            .into_par_iter()
+            .zip(logits.par_iter())
+            .map(|(rng, l)| l.iter().all(|x| x.is_finite()).then(|| choose(l, p, rng)))
+            .collect();
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         let mut finished = Vec::new();
         for (pos, &row) in active.iter().enumerate() {
-            if logits[pos].iter().any(|x| !x.is_finite()) {
+            let Some((tok, lp)) = drawn[pos] else {
                 bail!("the model produced non-finite logits (NaN or infinity); its weights may have diverged");
-            }
-            let (tok, lp) = choose(&logits[pos], p, &mut rngs[row]);
+            };
             let g = &mut out[row];
             g.tokens.push(tok);
             g.logprob += lp;
