@@ -2,9 +2,8 @@
 //! --l2-init.
 
 use crate::util::*;
-use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use candle_core::DType;
+use serde_json::Value;
 use std::path::Path;
 
 fn ok(r: Run) -> Run {
@@ -12,24 +11,9 @@ fn ok(r: Run) -> Run {
     r
 }
 
-fn weights(p: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn data(dir: &Path) {
-    let lines: String = (0..6)
-        .map(|i| {
-            json!({"text": format!("Question: what is {i} plus {i}? Answer: {}.", 2 * i)})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("d.jsonl"), lines).unwrap();
-}
-
 /// A LoRA adapter trained on the llama fixture, and its merged model.
 fn adapter(dir: &Path) {
-    data(dir);
+    text_data(dir, 6);
     let fx = fixture("llama");
     ok(run(
         "cf-train",
@@ -160,7 +144,7 @@ fn adapter_config_names_a_cached_base_as_peft_does() {
     // base_model_name_or_path "org/name" and revision "<sha>" (peft's layout, which
     // AutoPeftModelForCausalLM loads), and the tools find the base from it.
     let d = tempfile::tempdir().unwrap();
-    data(d.path());
+    text_data(d.path(), 6);
     let snap = d.path().join("hub/models--tiny-org--tiny/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
     for e in std::fs::read_dir(fixture("llama")).unwrap() {
@@ -292,7 +276,7 @@ fn l2_init_adds_its_penalty_and_pulls_toward_the_original() {
     // Full fine-tuning: at step 1 θ = θ₀ (penalty 0); at step 2 the penalty is λ/2·‖θ₁ − θ₀‖²
     // of the weights checkpoint-1 holds. A large λ keeps the weights closer to the original.
     let d = tempfile::tempdir().unwrap();
-    data(d.path());
+    text_data(d.path(), 6);
     let fx = fixture("llama");
     let train = |out: &str, extra: &[&str]| {
         let mut a = vec![

@@ -9,17 +9,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn text_data(dir: &Path) {
-    let lines: String = (0..6)
-        .map(|i| {
-            json!({"text": format!("Question: what is {i} plus {i}? Answer: {}.", 2 * i)})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("d.jsonl"), lines).unwrap();
-}
-
 fn train(dir: &Path, args: &[&str]) -> Run {
     let m = fixture("llama");
     let mut a = vec!["--model", m.to_str().unwrap(), "d.jsonl", "-q"];
@@ -75,7 +64,7 @@ fn one_line_error(r: &Run, tool: &str, needle: &str) {
 #[test]
 fn a_run_owns_its_output_folder() {
     let d = tempfile::tempdir().unwrap();
-    text_data(d.path());
+    text_data(d.path(), 6);
     // Another run holds the folder's lock: a second run is refused and writes nothing.
     std::fs::create_dir(d.path().join("o")).unwrap();
     let lock = std::fs::File::create(d.path().join("o/.cf-train.lock")).unwrap();
@@ -131,7 +120,7 @@ fn a_run_owns_its_output_folder() {
 fn non_finite_weights_are_never_saved() {
     // A learning rate of 1e38 takes the weights to inf after a finite loss and gradient.
     let d = tempfile::tempdir().unwrap();
-    text_data(d.path());
+    text_data(d.path(), 6);
     let r = train(
         d.path(),
         &[
@@ -178,7 +167,7 @@ fn non_finite_weights_are_never_saved() {
 #[test]
 fn resume_refuses_changed_settings_and_metrics_describe_one_run() {
     let d = tempfile::tempdir().unwrap();
-    text_data(d.path());
+    text_data(d.path(), 6);
     let base = [
         "-o",
         "o",
@@ -392,7 +381,7 @@ fn outputs_are_checked_before_any_work() {
 #[test]
 fn outputs_get_the_modes_cp_would_give() {
     let d = tempfile::tempdir().unwrap();
-    text_data(d.path());
+    text_data(d.path(), 6);
     let fx = fixture("llama");
     // Under umask 022 (a shell's `umask 022; cf-...`): files 0644, folders 0755; an existing
     // 0644 file keeps 0644 when overwritten.

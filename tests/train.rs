@@ -4,7 +4,6 @@ use crate::util::*;
 use candle_core::{DType, Device, Tensor};
 use cf_common::model::{Mode, Model};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::path::Path;
 
 fn train(dir: &Path, args: &[&str]) -> Run {
@@ -19,40 +18,12 @@ fn ok(r: Run) -> Run {
     r
 }
 
-fn weights(p: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn metrics(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn text_data(dir: &Path, n: usize) {
-    let lines: String = (0..n)
-        .map(|i| {
-            json!({"text": format!("Question: what is {i} plus {i}? Answer: {}.", 2 * i)})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("d.jsonl"), lines).unwrap();
 }
 
 #[test]
@@ -73,7 +44,7 @@ fn two_adamw_steps_match_pytorch() {
     let want = weights(&root().join("fixtures/train/adamw_reference.safetensors"));
     assert_eq!(got.len(), want.len());
     for (k, w) in &want {
-        let diff = max_diff(&got[k], w);
+        let diff = tensor_max_diff(&got[k], w);
         assert!(
             diff < 1e-5,
             "{k}: max |Δ| = {diff} against torch.optim.AdamW"
@@ -331,7 +302,7 @@ fn resumed_run_equals_uninterrupted_run() {
         );
         for (k, t) in &wa {
             assert_eq!(
-                max_diff(t, &wb[k]),
+                tensor_max_diff(t, &wb[k]),
                 0.0,
                 "lora={lora}: {k} differs after resuming"
             );
@@ -390,7 +361,7 @@ fn checkpoints_reload_bit_exactly_and_score_identically() {
         weights(&d.path().join("short/model.safetensors")),
     );
     for (k, t) in &a {
-        assert_eq!(max_diff(t, &b[k]), 0.0, "{k}");
+        assert_eq!(tensor_max_diff(t, &b[k]), 0.0, "{k}");
     }
     let r = ok(run(
         "cf-kl",
@@ -483,7 +454,7 @@ fn lora_changes_only_adapter_tensors() {
     let base = weights(&fixture("llama").join("model.safetensors"));
     let merged = weights(&d.path().join("lo/merged/model.safetensors"));
     for (k, t) in &base {
-        let moved = max_diff(t, &merged[k]) > 0.0;
+        let moved = tensor_max_diff(t, &merged[k]) > 0.0;
         let targeted = k.contains("q_proj") || k.contains("v_proj");
         assert_eq!(moved, targeted, "{k}: moved={moved}");
     }
@@ -746,7 +717,7 @@ fn saved_model_keeps_the_base_dtype_and_says_so() {
             .to_dtype(DType::F32)
             .unwrap();
         assert_eq!(
-            max_diff(&rounded, &w[k].to_dtype(DType::F32).unwrap()),
+            tensor_max_diff(&rounded, &w[k].to_dtype(DType::F32).unwrap()),
             0.0,
             "{k}"
         );
@@ -1018,7 +989,7 @@ fn gradient_checkpointing_keeps_every_reference() {
     ok(train(d.path(), &args));
     let got = weights(&d.path().join("ref/model.safetensors"));
     for (k, w) in &weights(&root().join("fixtures/train/adamw_reference.safetensors")) {
-        let diff = max_diff(&got[k], w);
+        let diff = tensor_max_diff(&got[k], w);
         assert!(
             diff < 1e-5,
             "{k}: max |Δ| = {diff} against torch.optim.AdamW"
@@ -1076,13 +1047,13 @@ fn gradient_checkpointing_keeps_every_reference() {
             weights(&d.path().join(&r).join(file)),
         );
         for (k, t) in &wp {
-            let diff = max_diff(t, &wc[k]);
+            let diff = tensor_max_diff(t, &wc[k]);
             assert!(
                 diff < 1e-5,
                 "lora={lora} {k}: checkpointed differs by {diff}"
             );
             assert_eq!(
-                max_diff(&wc[k], &wr[k]),
+                tensor_max_diff(&wc[k], &wr[k]),
                 0.0,
                 "lora={lora} {k}: resume differs"
             );

@@ -171,3 +171,20 @@ pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// A safetensors file's tensors, on the CPU.
+pub fn weights(p: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap()
+}
+
+/// `n` short question/answer texts as d.jsonl in `dir` (cf-train's `text` layout).
+pub fn text_data(dir: &Path, n: usize) {
+    let lines: String = (0..n)
+        .map(|i| {
+            serde_json::json!({"text": format!("Question: what is {i} plus {i}? Answer: {}.", 2 * i)})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("d.jsonl"), lines).unwrap();
+}

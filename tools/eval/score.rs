@@ -240,8 +240,7 @@ impl<'a> Scorer<'a> {
                 .reshape((chunk.len() * w, h.dim(2)?))?
                 .index_select(&Tensor::new(at.as_slice(), dev)?, 0)?;
             let lp = lsm(d.logits(&h)?)?;
-            let n = next.len();
-            let tg = Tensor::from_vec(next.clone(), (n, 1), dev)?;
+            let tg = Tensor::new(next.as_slice(), dev)?.unsqueeze(1)?;
             let lps: Vec<f32> = lp.gather(&tg, 1)?.squeeze(1)?.to_vec1()?;
             let best: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
             let mut o = 0;

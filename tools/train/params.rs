@@ -14,15 +14,8 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-pub const ALL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// The projections `--lora-targets all` adapts.
+pub use cf_common::model::adapter::MODULES as ALL_TARGETS;
 /// The ChaCha stream of LoRA's initialisation and dropout (data order uses streams 0, 1, … per epoch).
 const LORA_STREAM: u64 = 1 << 40;
 

@@ -115,33 +115,37 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> R<(Option<Tensor>, Option<Tensor>)> {
         let go = grad.detach().contiguous()?;
-        let (g, u) = (g.detach(), u.detach());
-        let dg = g.apply_op3_no_bwd(&u, &go, &SiluMulGrad { wrt_g: true })?;
-        let du = g.apply_op3_no_bwd(&u, &go, &SiluMulGrad { wrt_g: false })?;
+        let n = g.elem_count();
+        let both = g
+            .detach()
+            .apply_op3_no_bwd(&u.detach(), &go, &SiluMulGrad)?;
+        let dg = both.narrow(0, 0, n)?.reshape(g.shape())?;
+        let du = both.narrow(0, n, n)?.reshape(u.shape())?;
         Ok((Some(dg), Some(du)))
     }
 }
 
-/// The gradient of silu(g)·u: with s = σ(g), ∂/∂g = go·u·s·(1 + g(1 − s)), ∂/∂u = go·g·s.
-struct SiluMulGrad {
-    wrt_g: bool,
-}
+/// The gradient of silu(g)·u in one pass: with s = σ(g), ∂/∂g = go·u·s·(1 + g(1 − s)) and
+/// ∂/∂u = go·g·s. Returned as one buffer: ∂/∂g, then ∂/∂u.
+struct SiluMulGrad;
 
-fn silu_mul_grad_k<T: Float + Send + Sync>(g: &[T], u: &[T], go: &[T], wrt_g: bool) -> Vec<T> {
-    let mut out = vec![T::zero(); g.len()];
+fn silu_mul_grad_k<T: Float + Send + Sync>(g: &[T], u: &[T], go: &[T]) -> Vec<T> {
+    let len = g.len();
+    let mut out = vec![T::zero(); 2 * len];
+    let (dg, du) = out.split_at_mut(len);
     let n = 16384;
-    out.par_chunks_mut(n).enumerate().for_each(|(c, o)| {
-        let base = c * n;
-        for i in 0..o.len() {
-            let (g, u, go) = (g[base + i], u[base + i], go[base + i]);
-            let s = T::one() / (T::one() + (-g).exp());
-            o[i] = if wrt_g {
-                go * u * s * (T::one() + g * (T::one() - s))
-            } else {
-                go * g * s
-            };
-        }
-    });
+    dg.par_chunks_mut(n)
+        .zip(du.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let base = c * n;
+            for i in 0..dg.len() {
+                let (g, u, go) = (g[base + i], u[base + i], go[base + i]);
+                let s = T::one() / (T::one() + (-g).exp());
+                dg[i] = go * u * s * (T::one() + g * (T::one() - s));
+                du[i] = go * g * s;
+            }
+        });
     out
 }
 
@@ -159,18 +163,18 @@ impl CustomOp3 for SiluMulGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> R<(CpuStorage, Shape)> {
-        let shape = l1.shape().clone();
         let dt = s1.dtype();
+        let len = 2 * l1.shape().elem_count();
         let out = match (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?) {
             (Data::F64(g), Data::F64(u), Data::F64(go)) => {
-                CpuStorage::F64(silu_mul_grad_k(g, u, go, self.wrt_g))
+                CpuStorage::F64(silu_mul_grad_k(g, u, go))
             }
             (Data::F32(g), Data::F32(u), Data::F32(go)) => {
-                store32(silu_mul_grad_k(&g, &u, &go, self.wrt_g), dt)?
+                store32(silu_mul_grad_k(&g, &u, &go), dt)?
             }
             _ => return err("silu_mul: mixed dtypes"),
         };
-        Ok((out, shape))
+        Ok((out, Shape::from(len)))
     }
 }
 
@@ -270,10 +274,6 @@ fn no_round64(x: f64, _: DType) -> f64 {
     x
 }
 
-fn round32(x: f32, dt: DType) -> f32 {
-    round_to(x, dt)
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "cf-rms-norm"
@@ -292,7 +292,7 @@ impl CustomOp2 for RmsNorm {
             (Data::F64(x), Data::F64(w)) => {
                 CpuStorage::F64(rms_fwd_k(x, w, self.eps, dt, no_round64))
             }
-            (Data::F32(x), Data::F32(w)) => store32(rms_fwd_k(&x, &w, self.eps, dt, round32), dt)?,
+            (Data::F32(x), Data::F32(w)) => store32(rms_fwd_k(&x, &w, self.eps, dt, round_to), dt)?,
             _ => return err("rms_norm: mixed dtypes"),
         };
         Ok((out, shape))
@@ -341,7 +341,7 @@ impl CustomOp3 for RmsNormGrad {
                 CpuStorage::F64(rms_bwd_k(x, w, go, self.eps, dt, no_round64))
             }
             (Data::F32(x), Data::F32(w), Data::F32(go)) => {
-                store32(rms_bwd_k(&x, &w, &go, self.eps, dt, round32), dt)?
+                store32(rms_bwd_k(&x, &w, &go, self.eps, dt, round_to), dt)?
             }
             _ => return err("rms_norm: mixed dtypes"),
         };
