@@ -157,10 +157,9 @@ pub fn perturbed_model(name: &str, dir: &Path, std: f32, seed: u64) -> PathBuf {
     out
 }
 
-/// The largest |a − b| over two tensors of one shape, in f64.
-pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
-    use candle_core::DType;
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+/// The largest |x| of a tensor, in f64.
+pub fn tensor_max_abs(t: &candle_core::Tensor) -> f64 {
+    t.to_dtype(candle_core::DType::F64)
         .unwrap()
         .abs()
         .unwrap()
@@ -170,6 +169,12 @@ pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+/// The largest |a − b| over two tensors of one shape, in f64.
+pub fn tensor_max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    use candle_core::DType;
+    tensor_max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 /// A safetensors file's tensors, on the CPU.
