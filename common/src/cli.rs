@@ -68,10 +68,55 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     "--device {s}: this build has no CUDA support (build with `--features cuda`)"
                 );
             }
-            Ok(Device::new_cuda(ordinal)?)
+            let dev = Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            tune_cuda(&dev)?;
+            Ok(dev)
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }
+}
+
+/// Set a CUDA device up for many small kernels and allocations (a decoding step is hundreds of
+/// each; the kit's `cfshim.c` measured both costs):
+/// - cudarc records two events per allocation so that several streams may share memory; candle
+///   runs everything for a device on one stream, so they only cost time: tracking is off;
+/// - the default memory pool hands freed memory back to the driver at every synchronisation
+///   (release threshold 0), so the next step allocates it again: the threshold is raised to
+///   keep it, as PyTorch's caching allocator does.
+#[cfg(feature = "cuda")]
+fn tune_cuda(dev: &Device) -> Result<()> {
+    use cudarc::driver::sys;
+    let cuda = dev.as_cuda_device()?;
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    // SAFETY: every kernel and copy of this device goes through candle's one stream, so no
+    // allocation is ever used on another stream before its writes finish.
+    unsafe { ctx.disable_event_tracking() };
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver calls on a device the context above has initialised.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!(
+            "--device cuda:{}: cannot read the memory pool: {r:?}",
+            ctx.ordinal()
+        );
+    }
+    let mut keep = u64::MAX;
+    let r = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!(
+            "--device cuda:{}: cannot set the memory pool's release threshold: {r:?}",
+            ctx.ordinal()
+        );
+    }
+    Ok(())
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
