@@ -254,6 +254,88 @@ fn kv_cache_equals_full_forward_and_dropping_rows_keeps_the_rest() {
     }
 }
 
+/// Continuous batching: rows that finish are replaced by new sequences of other prefix lengths
+/// at their own positions in the ring cache. Every sequence's log-probability equals the
+/// uncached forward's over its whole text (within 1e-6 relative: the sampler reads logits as
+/// f32; a wrong position or a missing mask moves it by more than 1e-3), and its tokens equal
+/// the same job generated alone: so positions, the per-row mask and the ring's wrap-around
+/// are right (without the mask a new row would attend to the previous row's keys).
+#[test]
+fn continuous_batching_rows_are_their_own_sequences() {
+    use cf_common::generate::{generate, sample_rng, Generated, SamplingParams};
+    for fam in ["llama", "llama3", "olmo2", "qwen2"] {
+        let m = load(fam, DType::F64, Mode::Infer);
+        let vocab = m.cfg.vocab_size as u32;
+        let lens = [1usize, 3, 2, 5, 1, 4, 2, 3, 1, 5];
+        let jobs: Vec<Vec<u32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                (0..n)
+                    .map(|t| (7 + 13 * j as u32 + 5 * t as u32) % vocab)
+                    .collect()
+            })
+            .collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            max_tokens: 9,
+        };
+        // Ids below vocab/6 end a sequence: rows finish at staggered steps.
+        let eos: Vec<u32> = (0..vocab / 6).collect();
+        let run = |batch: usize, which: &[usize]| -> Vec<Generated> {
+            let mut out: Vec<Option<Generated>> = vec![None; which.len()];
+            let longest = which.iter().map(|&j| jobs[j].len()).max().unwrap();
+            generate(
+                &m.decoder,
+                which
+                    .iter()
+                    .map(|&j| (jobs[j].clone(), sample_rng(3, j as u64))),
+                batch,
+                longest,
+                &p,
+                &eos,
+                |k, g| {
+                    assert!(out[k].is_none(), "job {k} finished twice");
+                    out[k] = Some(g);
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap();
+            out.into_iter().map(|g| g.unwrap()).collect()
+        };
+        let all: Vec<usize> = (0..jobs.len()).collect();
+        let together = run(3, &all);
+        let steps: usize = together.iter().map(|g| g.tokens.len()).sum();
+        assert!(
+            steps / 3 + 4 > 5 + 9,
+            "{fam}: the test must wrap the ring ({steps} tokens)"
+        );
+        let ends: std::collections::BTreeSet<usize> =
+            together.iter().map(|g| g.tokens.len()).collect();
+        assert!(ends.len() > 2, "{fam}: rows must finish at different steps");
+        for (j, g) in together.iter().enumerate() {
+            let alone = &run(1, &[j])[0];
+            assert_eq!(g.tokens, alone.tokens, "{fam} job {j}: tokens");
+            let seq: Vec<u32> = jobs[j].iter().chain(&g.tokens).cloned().collect();
+            let lp = logprobs(&m.decoder, &seq);
+            let want: f64 = lp[jobs[j].len() - 1..].iter().sum();
+            assert!(
+                (g.logprob - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{fam} job {j}: logprob {} vs uncached {want}",
+                g.logprob
+            );
+        }
+        let wide = run(16, &all);
+        for (a, b) in together.iter().zip(&wide) {
+            assert_eq!(a.tokens, b.tokens, "{fam}: batch 3 vs 16");
+        }
+    }
+}
+
 /// Parameters of a fixture as Vars (so gradients can reach them), in `dtype`.
 fn vars(name: &str, dtype: DType) -> (Config, HashMap<String, Var>) {
     let files = cf_common::model::ModelFiles::locate(fixture(name).to_str().unwrap()).unwrap();

@@ -4,9 +4,9 @@
 //! Reproducibility: sample `index` under `seed` draws its uniforms from ChaCha8 stream `index`
 //! of key `seed`, so a sample does not depend on which batch or shard it was computed in.
 
-use crate::model::{Decoder, KvCache};
+use crate::model::{Decoder, SlotCache};
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -173,99 +173,181 @@ pub fn choose(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32,
     (last as u32, lp(last))
 }
 
-/// Continue `prefixes` (all of one length) together. `rngs[i]` is row i's random stream.
-/// `done(i, g)` is called as each row finishes; finished rows leave the batch, so they stop
-/// costing compute.
+/// Draw each row's next token from `logits` (rows, vocab), row r from `rngs[r]`. On a GPU the
+/// draw runs there ([`crate::sampler`]): only the rows' uniforms go in and their tokens and
+/// log-probabilities come out. On the CPU each row samples from its own stream in parallel,
+/// and every draw is the same as one after another.
+fn draw(
+    logits: &Tensor,
+    rngs: Vec<&mut ChaCha8Rng>,
+    p: &SamplingParams,
+) -> Result<Vec<(u32, f64)>> {
+    if !logits.device().is_cpu() {
+        return draw_on_device(logits, rngs, p);
+    }
+    let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    let drawn: Vec<Option<(u32, f64)>> = rngs
+        .into_par_iter()
+        .zip(logits.par_iter())
+        .map(|(rng, l)| l.iter().all(|x| x.is_finite()).then(|| choose(l, p, rng)))
+        .collect();
+    drawn
+        .into_iter()
+        .map(|d| {
+            d.ok_or_else(|| {
+                anyhow::anyhow!("the model produced non-finite logits (NaN or infinity); its weights may have diverged")
+            })
+        })
+        .collect()
+}
+
+/// [`crate::sampler::draw`] with each row's next uniform from its stream: the same uniforms, in
+/// the same order, as [`choose`] takes (none when greedy).
+pub fn draw_on_device(
+    logits: &Tensor,
+    rngs: Vec<&mut ChaCha8Rng>,
+    p: &SamplingParams,
+) -> Result<Vec<(u32, f64)>> {
+    let uniforms: Vec<f64> = if p.temperature == 0.0 {
+        vec![0.0; rngs.len()]
+    } else {
+        rngs.into_iter().map(uniform).collect()
+    };
+    crate::sampler::draw(logits, &uniforms, p)
+}
+
+/// A prefix without its last token, and its keys and values per layer.
+type Prefilled = (Vec<u32>, Vec<(Tensor, Tensor)>);
+
+/// One row of the decoding batch.
+struct Slot {
+    /// The job's number in the order the jobs came.
+    job: usize,
+    rng: ChaCha8Rng,
+    out: Generated,
+    /// The row's input at the next step.
+    next: u32,
+}
+
+fn fresh() -> Generated {
+    Generated {
+        tokens: Vec::new(),
+        logprob: 0.0,
+        finish: Finish::Length,
+    }
+}
+
+/// Continue each job's prefix with its own random stream, `batch` sequences at a time, with
+/// continuous batching: when a row finishes, the next job takes its place in the batch at its
+/// own positions (vLLM's scheduling), so the batch stays full until the jobs run out.
+/// `done(j, g)` is called as job j (numbered from 0 in the order the jobs came) finishes, which
+/// is not job order; `on_token(rows)` after every step. `longest` bounds the jobs' prefix
+/// lengths. A job's tokens depend only on its prefix and its stream (up to floating-point
+/// rounding), not on the batch it shared.
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     dec: &Decoder,
-    prefixes: &[Vec<u32>],
-    rngs: &mut [ChaCha8Rng],
+    jobs: impl IntoIterator<Item = (Vec<u32>, ChaCha8Rng)>,
+    batch: usize,
+    longest: usize,
     p: &SamplingParams,
     eos: &[u32],
     mut done: impl FnMut(usize, Generated) -> Result<()>,
     mut on_token: impl FnMut(usize),
 ) -> Result<()> {
-    let b = prefixes.len();
-    if b == 0 {
+    let mut jobs = jobs.into_iter().enumerate();
+    let mut next_job = || -> Result<Option<(usize, Vec<u32>, ChaCha8Rng)>> {
+        match jobs.next() {
+            None => Ok(None),
+            Some((j, (prefix, rng))) => {
+                if prefix.is_empty() || prefix.len() > longest {
+                    bail!(
+                        "internal: job {j} has a prefix of {} tokens (1..={longest} allowed)",
+                        prefix.len()
+                    );
+                }
+                Ok(Some((j, prefix, rng)))
+            }
+        }
+    };
+    let mut first = Vec::new();
+    while first.len() < batch.max(1) {
+        match next_job()? {
+            Some(j) => first.push(j),
+            None => break,
+        }
+    }
+    if first.is_empty() {
         return Ok(());
     }
-    let plen = prefixes[0].len();
-    if plen == 0 || prefixes.iter().any(|x| x.len() != plen) {
-        bail!("internal: a generation batch needs non-empty prefixes of one length");
+    let mut cache = dec.slot_cache(first.len(), longest + p.max_tokens)?;
+    // Room behind the first step's column for the longest prefix.
+    cache.skip(longest - 1);
+    // A prefix's keys and values are computed once for a run of jobs that share it (n samples
+    // of one prompt, or of the document start).
+    let mut memo: Option<Prefilled> = None;
+    let mut begin = |cache: &mut SlotCache, row: usize, prefix: &[u32]| -> Result<u32> {
+        let n = prefix.len() - 1;
+        if memo.as_ref().is_none_or(|(ids, _)| ids[..] != prefix[..n]) {
+            memo = Some((prefix[..n].to_vec(), dec.prefill(&prefix[..n])?));
+        }
+        dec.slot_begin(cache, row, &memo.as_ref().unwrap().1, n)?;
+        Ok(prefix[n])
+    };
+    let mut slots = Vec::with_capacity(first.len());
+    for (row, (job, prefix, rng)) in first.into_iter().enumerate() {
+        let next = begin(&mut cache, row, &prefix)?;
+        slots.push(Slot {
+            job,
+            rng,
+            out: fresh(),
+            next,
+        });
     }
-    let dev = dec.device();
-    let mut cache = KvCache::new(dec.cfg.num_layers, plen + p.max_tokens);
-    let mut ids = Tensor::from_vec(prefixes.concat(), (b, plen), dev)?;
-    let mut active: Vec<usize> = (0..b).collect();
-    let mut out: Vec<Generated> = (0..b)
-        .map(|_| Generated {
-            tokens: Vec::new(),
-            logprob: 0.0,
-            finish: Finish::Length,
-        })
-        .collect();
     loop {
-        let h = dec.forward_hidden(&ids, Some(&mut cache))?;
-        let t = h.dim(1)?;
-        let logits = dec.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-        let logits = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        // Each row samples from its own stream, so the rows run in parallel and every draw is
-        // the same as one after another. `active` is in ascending row order.
-        let mut streams: Vec<&mut ChaCha8Rng> = Vec::with_capacity(active.len());
-        let mut want = active.iter().peekable();
-        for (row, rng) in rngs.iter_mut().enumerate() {
-            if want.peek() == Some(&&row) {
-                streams.push(rng);
-                want.next();
-            }
-        }
-        let drawn: Vec<Option<(u32, f64)>> = streams
-            .into_par_iter()
-            .zip(logits.par_iter())
-            .map(|(rng, l)| l.iter().all(|x| x.is_finite()).then(|| choose(l, p, rng)))
-            .collect();
-        let mut next = Vec::with_capacity(active.len());
-        let mut keep = Vec::with_capacity(active.len());
-        let mut finished = Vec::new();
-        for (pos, &row) in active.iter().enumerate() {
-            let Some((tok, lp)) = drawn[pos] else {
-                bail!("the model produced non-finite logits (NaN or infinity); its weights may have diverged");
-            };
-            let g = &mut out[row];
-            g.tokens.push(tok);
-            g.logprob += lp;
-            if eos.contains(&tok) {
-                g.finish = Finish::Eos;
-                finished.push(row);
-            } else if g.tokens.len() >= p.max_tokens {
-                finished.push(row);
+        let ids: Vec<u32> = slots.iter().map(|s| s.next).collect();
+        let h = dec.forward_slots(&ids, &mut cache)?;
+        let logits = dec.logits(&h)?;
+        let drawn = draw(&logits, slots.iter_mut().map(|s| &mut s.rng).collect(), p)?;
+        on_token(slots.len());
+        let mut keep: Vec<u32> = Vec::with_capacity(slots.len());
+        for (row, (tok, lp)) in drawn.into_iter().enumerate() {
+            let s = &mut slots[row];
+            s.out.tokens.push(tok);
+            s.out.logprob += lp;
+            let finish = if eos.contains(&tok) {
+                Some(Finish::Eos)
+            } else if s.out.tokens.len() >= p.max_tokens {
+                Some(Finish::Length)
             } else {
-                keep.push(pos as u32);
-                next.push(tok);
+                None
+            };
+            let Some(finish) = finish else {
+                s.next = tok;
+                keep.push(row as u32);
+                continue;
+            };
+            s.out.finish = finish;
+            done(s.job, std::mem::replace(&mut s.out, fresh()))?;
+            if let Some((job, prefix, rng)) = next_job()? {
+                s.next = begin(&mut cache, row, &prefix)?;
+                s.job = job;
+                s.rng = rng;
+                keep.push(row as u32);
             }
-        }
-        on_token(active.len());
-        for row in finished {
-            done(
-                row,
-                std::mem::replace(
-                    &mut out[row],
-                    Generated {
-                        tokens: Vec::new(),
-                        logprob: 0.0,
-                        finish: Finish::Length,
-                    },
-                ),
-            )?;
         }
         if keep.is_empty() {
             return Ok(());
         }
-        if keep.len() < active.len() {
+        if keep.len() < slots.len() {
+            // The jobs ran out: finished rows leave the batch, so they stop costing compute.
             cache.select_rows(&keep)?;
-            active = keep.iter().map(|&i| active[i as usize]).collect();
+            let mut old: Vec<Option<Slot>> = slots.into_iter().map(Some).collect();
+            slots = keep
+                .iter()
+                .map(|&r| old[r as usize].take().unwrap())
+                .collect();
         }
-        ids = Tensor::new(next.as_slice(), dev)?.unsqueeze(D::Minus1)?;
     }
 }
 

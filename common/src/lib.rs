@@ -12,5 +12,6 @@ pub mod mem;
 pub mod model;
 pub mod progress;
 pub mod record;
+pub mod sampler;
 pub mod temp;
 pub mod tokenizer;

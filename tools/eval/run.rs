@@ -294,15 +294,15 @@ fn generative(
         if ids.is_empty() {
             ids = vec![sc.prefix()?];
         }
-        let prefixes = vec![ids; args.n];
-        let mut rngs: Vec<_> = (0..args.n)
-            .map(|j| sample_rng(args.seed, (i * args.n + j) as u64))
-            .collect();
+        let longest = ids.len();
+        let jobs =
+            (0..args.n).map(|j| (ids.clone(), sample_rng(args.seed, (i * args.n + j) as u64)));
         let mut outs: Vec<Option<String>> = vec![None; args.n];
         generate(
             &model.decoder,
-            &prefixes,
-            &mut rngs,
+            jobs,
+            args.n,
+            longest,
             &params,
             &model.eos_ids,
             |row, g| {

@@ -157,10 +157,6 @@ impl Jobs {
         }
     }
 
-    fn prefix_len(&self, index: u64) -> usize {
-        self.prefixes[(index / self.n) as usize].0.len()
-    }
-
     fn longest(&self) -> usize {
         let (a, b) = (
             self.range.start / self.n.max(1),
@@ -292,49 +288,35 @@ impl Run<'_> {
         // Records leave in index order so output bytes do not depend on the batch size.
         let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
         let mut next = jobs.range.start;
-        let mut i = jobs.range.start;
-        while i < jobs.range.end {
-            let len = jobs.prefix_len(i);
-            let mut j = i;
-            while j < jobs.range.end
-                && ((j - i) as usize) < self.batch_size
-                && jobs.prefix_len(j) == len
-            {
-                j += 1;
-            }
-            let batch: Vec<Job> = (i..j).map(|x| jobs.get(x)).collect();
-            let batch = &batch[..];
-            let prefixes: Vec<Vec<u32>> = batch.iter().map(|b| b.prefix_ids.clone()).collect();
-            let mut rngs: Vec<_> = batch
-                .iter()
-                .map(|b| sample_rng(self.seed, b.index))
-                .collect();
-            generate(
-                &self.model.decoder,
-                &prefixes,
-                &mut rngs,
-                self.params,
-                eos_ids,
-                |row, g| {
-                    eos += usize::from(g.finish == cf_common::generate::Finish::Eos);
-                    pending.insert(batch[row].index, self.record(&batch[row], g)?);
-                    bar.inc(1);
-                    while let Some(rec) = pending.remove(&next) {
-                        writer.write(&rec)?;
-                        next += 1;
-                    }
-                    Ok(())
-                },
-                |active| {
-                    tokens += active;
-                    if tokens % 256 < active {
-                        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                        bar.set_message(format!("{:.0} tok/s", tokens as f64 / secs));
-                    }
-                },
-            )?;
-            i = j;
-        }
+        let first = jobs.range.start;
+        generate(
+            &self.model.decoder,
+            jobs.range
+                .clone()
+                .map(|x| (jobs.get(x).prefix_ids, sample_rng(self.seed, x))),
+            self.batch_size,
+            longest,
+            self.params,
+            eos_ids,
+            |k, g| {
+                eos += usize::from(g.finish == cf_common::generate::Finish::Eos);
+                let job = jobs.get(first + k as u64);
+                pending.insert(job.index, self.record(&job, g)?);
+                bar.inc(1);
+                while let Some(rec) = pending.remove(&next) {
+                    writer.write(&rec)?;
+                    next += 1;
+                }
+                Ok(())
+            },
+            |active| {
+                tokens += active;
+                if tokens % 256 < active {
+                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("{:.0} tok/s", tokens as f64 / secs));
+                }
+            },
+        )?;
         bar.finish();
         let n = writer.count();
         writer.finish()?;

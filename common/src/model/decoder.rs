@@ -200,6 +200,29 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// x: (b, heads, 1, head_dim), row i at position `positions[i]` (continuous batching: each
+    /// row is its own sequence).
+    fn apply_rows(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+        if x.dtype() != DType::F64 {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
+        // f64 (the parity tests' dtype): the same rotation composed, cos/sin per row.
+        let half = x.dim(D::Minus1)? / 2;
+        let (cos, sin) = (cos.reshape((b, 1, 1, half))?, sin.reshape((b, 1, 1, half))?);
+        let (x1, x2) = (
+            x.narrow(D::Minus1, 0, half)?,
+            x.narrow(D::Minus1, half, half)?,
+        );
+        let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[y1, y2], D::Minus1)?)
+    }
+}
+
 fn softmax(x: &Tensor, mode: Mode) -> Result<Tensor> {
     if mode == Mode::Infer && x.dtype() != DType::F64 {
         Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
@@ -268,6 +291,158 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Layer `layer`'s filled keys and values, (b, kv_heads, len, head_dim) each.
+    fn filled(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((k, v)) = &self.kv[layer] else {
+            return Ok(None);
+        };
+        Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+    }
+}
+
+/// A key/value cache whose rows are independent sequences, for continuous batching: a row that
+/// finishes is replaced by a new sequence while the others go on.
+///
+/// Every decoding step writes one column for all rows, into a ring of `cap` columns: column
+/// `g mod cap` holds global column g. Row r's sequence began at global column `starts[r]`;
+/// attention masks the columns before it (an earlier sequence's, or nothing). Keys are stored
+/// rotated at the row's own positions, and attention does not depend on the order of keys, so
+/// the ring never has to be shifted. A row's sequence must fit in `cap` columns.
+pub struct SlotCache {
+    kv: Vec<(Tensor, Tensor)>,
+    cap: usize,
+    /// Global columns written so far; the next step writes column `written`.
+    written: u64,
+    starts: Vec<u64>,
+}
+
+impl SlotCache {
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Columns of the ring: the longest sequence (prefix plus generated tokens) it can hold.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Advance by `n` empty columns, so that a first batch of prefixes up to n + 1 tokens long
+    /// has room behind the first step's column.
+    pub fn skip(&mut self, n: usize) {
+        self.written += n as u64;
+    }
+
+    /// Keep only the given rows, in this order (rows that finished with nobody to take their
+    /// place leave the batch).
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let idx = Tensor::new(rows, self.kv[0].0.device())?;
+        for (k, v) in self.kv.iter_mut() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.starts = rows.iter().map(|&r| self.starts[r as usize]).collect();
+        Ok(())
+    }
+
+    /// This step's positions, one per row: where its token sits in its own sequence.
+    fn positions(&self) -> Vec<u32> {
+        self.starts
+            .iter()
+            .map(|&s| (self.written - s) as u32)
+            .collect()
+    }
+
+    /// Columns attention reads this step: all written ones, up to the ring's size.
+    fn view(&self) -> usize {
+        (self.written as usize + 1).min(self.cap)
+    }
+
+    /// The additive mask (rows, 1, 1, 1, view) that hides from each row the columns before its
+    /// sequence began, or None when every row may see every column in view.
+    fn mask(&self, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        let view = self.view();
+        let oldest = self.written + 1 - view as u64;
+        if self.starts.iter().all(|&s| s <= oldest) {
+            return Ok(None);
+        }
+        let now = (self.written % self.cap as u64) as usize;
+        // Each column's global index, less `oldest`: O(view + rows) values cross to the device.
+        let age: Vec<f32> = (0..view)
+            .map(|j| {
+                let back = (now + self.cap - j) % self.cap;
+                (self.written - back as u64 - oldest) as f32
+            })
+            .collect();
+        let from: Vec<f32> = self
+            .starts
+            .iter()
+            .map(|&s| s.saturating_sub(oldest) as f32)
+            .collect();
+        let rows = self.starts.len();
+        let age = Tensor::from_vec(age, (1, view), device)?;
+        let from = Tensor::from_vec(from, (rows, 1), device)?;
+        let visible = age.broadcast_ge(&from)?;
+        let zero = Tensor::zeros((rows, view), dtype, device)?;
+        let hidden = Tensor::full(f32::NEG_INFINITY, (rows, view), device)?.to_dtype(dtype)?;
+        Ok(Some(
+            visible
+                .where_cond(&zero, &hidden)?
+                .reshape((rows, 1, 1, 1, view))?,
+        ))
+    }
+
+    /// Write this step's keys and values (rows, kv_heads, 1, head_dim) for `layer`; returns the
+    /// columns in view.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let col = (self.written % self.cap as u64) as usize;
+        let (kb, vb) = &self.kv[layer];
+        kb.slice_set(&k.contiguous()?, 2, col)?;
+        vb.slice_set(&v.contiguous()?, 2, col)?;
+        let view = self.view();
+        Ok((kb.narrow(2, 0, view)?, vb.narrow(2, 0, view)?))
+    }
+
+    /// Begin a new sequence in `row` from a prefilled prefix: `kv[layer]` holds its first n
+    /// positions, (1, kv_heads, n, head_dim). They take the n global columns before the next
+    /// step's, whose token is the prefix's last.
+    fn begin(&mut self, row: usize, kv: &[(Tensor, Tensor)], n: usize) -> Result<()> {
+        if n as u64 > self.written || n + 1 > self.cap {
+            bail!(
+                "internal: a prefix of {} tokens does not fit the slot cache ({} columns, {} written)",
+                n + 1,
+                self.cap,
+                self.written
+            );
+        }
+        let first = self.written - n as u64;
+        self.starts[row] = first;
+        if n == 0 {
+            return Ok(());
+        }
+        let col = (first % self.cap as u64) as usize;
+        // The columns may wrap around the ring's end: at most two pieces.
+        let head = n.min(self.cap - col);
+        for ((kb, vb), (k, v)) in self.kv.iter().zip(kv) {
+            let (kr, vr) = (kb.narrow(0, row, 1)?, vb.narrow(0, row, 1)?);
+            kr.slice_set(&k.narrow(2, 0, head)?.contiguous()?, 2, col)?;
+            vr.slice_set(&v.narrow(2, 0, head)?.contiguous()?, 2, col)?;
+            if head < n {
+                kr.slice_set(&k.narrow(2, head, n - head)?.contiguous()?, 2, 0)?;
+                vr.slice_set(&v.narrow(2, head, n - head)?.contiguous()?, 2, 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cache one layer reads and extends.
+enum LayerCache<'a> {
+    /// Rows that share their positions.
+    Shared(&'a mut KvCache, usize),
+    /// Rows that are separate sequences, with this step's position per row.
+    Slots(&'a mut SlotCache, usize, &'a Tensor),
 }
 
 #[derive(Clone, Debug)]
@@ -290,11 +465,14 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<LayerCache>,
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let offset = cache.as_ref().map_or(0, |(c, _)| c.len());
+        let offset = match &cache {
+            Some(LayerCache::Shared(c, _)) => c.len(),
+            _ => 0,
+        };
         let (mut q, mut k, mut v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         if let Some(c) = self.clip_qkv {
             q = q.clamp(-c, c)?;
@@ -309,10 +487,16 @@ impl Attention {
         let q = q.reshape((b, t, self.heads, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, offset, mode)?;
-        let k = rope.apply(&k, offset, mode)?;
+        let per_row = matches!(cache, Some(LayerCache::Slots(..)));
+        let (q, k) = match &cache {
+            Some(LayerCache::Slots(_, _, pos)) => {
+                (rope.apply_rows(&q, pos)?, rope.apply_rows(&k, pos)?)
+            }
+            _ => (rope.apply(&q, offset, mode)?, rope.apply(&k, offset, mode)?),
+        };
         let (k, v) = match cache {
-            Some((c, layer)) => c.append(layer, &k, &v)?,
+            Some(LayerCache::Shared(c, layer)) => c.append(layer, &k, &v)?,
+            Some(LayerCache::Slots(c, layer, _)) => c.append(layer, &k, &v)?,
             None => (k.contiguous()?, v),
         };
         let len = k.dim(2)?;
@@ -320,6 +504,7 @@ impl Attention {
             && (x.device().is_cpu() || x.device().is_cuda())
             && mask.is_some()
             && offset == 0
+            && !per_row
         {
             // Training: attention that keeps no (heads × t × t) probabilities for the backward
             // pass (super::attention), keys and values repeated per query head.
@@ -347,6 +532,7 @@ impl Attention {
         let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
         let dt = q.dtype();
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(upcast(dt))?;
+        // The mask is (t, len) for rows that share positions, (b, 1, 1, t, len) per row.
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, kvh, n_rep, t, len))?
@@ -386,7 +572,7 @@ impl Block {
         x: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<LayerCache>,
         mode: Mode,
     ) -> Result<Tensor> {
         if self.post_norm {
@@ -588,13 +774,93 @@ impl Decoder {
             None
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let c = cache.as_deref_mut().map(|c| (c, i));
+            let c = cache.as_deref_mut().map(|c| LayerCache::Shared(c, i));
             x = block.forward(&x, &self.rope, mask.as_ref(), c, self.mode)?;
         }
         if let Some(c) = cache {
             c.len += t;
         }
         self.norm.forward(&x, self.mode)
+    }
+
+    /// An empty [`SlotCache`] for `rows` sequences of up to `cap` tokens each.
+    pub fn slot_cache(&self, rows: usize, cap: usize) -> Result<SlotCache> {
+        let c = &self.cfg;
+        let shape = (rows, c.num_kv_heads, cap, c.head_dim);
+        let kv = (0..c.num_layers)
+            .map(|_| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(SlotCache {
+            kv,
+            cap,
+            written: 0,
+            starts: vec![0; rows],
+        })
+    }
+
+    /// The keys and values of `ids` (all but a prefix's last token) at positions 0.., one
+    /// (1, kv_heads, n, head_dim) pair per layer, for [`Self::slot_begin`].
+    pub fn prefill(&self, ids: &[u32]) -> Result<Vec<(Tensor, Tensor)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cache = KvCache::new(self.cfg.num_layers, ids.len());
+        self.forward_hidden(
+            &Tensor::new(ids, &self.device)?.unsqueeze(0)?,
+            Some(&mut cache),
+        )?;
+        (0..self.cfg.num_layers)
+            .map(|l| {
+                cache
+                    .filled(l)?
+                    .ok_or_else(|| anyhow::anyhow!("internal: layer {l} left no keys"))
+            })
+            .collect()
+    }
+
+    /// Begin a new sequence in row `row` of `cache` from `kv` = [`Self::prefill`] of its prefix
+    /// without the last token (n tokens); that token is the row's input at the next
+    /// [`Self::forward_slots`].
+    pub fn slot_begin(
+        &self,
+        cache: &mut SlotCache,
+        row: usize,
+        kv: &[(Tensor, Tensor)],
+        n: usize,
+    ) -> Result<()> {
+        cache.begin(row, kv, n)
+    }
+
+    /// One decoding step of independent sequences: `ids[r]` continues row r of `cache` at that
+    /// row's own position. Hidden states after the final norm, (rows, hidden).
+    pub fn forward_slots(&self, ids: &[u32], cache: &mut SlotCache) -> Result<Tensor> {
+        let b = ids.len();
+        if b != cache.rows() {
+            bail!("internal: {b} ids for {} cache rows", cache.rows());
+        }
+        let positions = cache.positions();
+        let limit = self.rope.cos.dim(0)?;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= limit) {
+            bail!(
+                "position {} is past the {limit} positions this model supports",
+                p + 1
+            );
+        }
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let mask = cache.mask(upcast(self.dtype), &self.device)?;
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let c = LayerCache::Slots(&mut *cache, i, &positions);
+            x = block.forward(&x, &self.rope, mask.as_ref(), Some(c), self.mode)?;
+        }
+        cache.written += 1;
+        Ok(self.norm.forward(&x, self.mode)?.squeeze(1)?)
     }
 
     /// Token embeddings (b, t, hidden) of `ids` (b, t): the first stage of [`Self::forward_hidden`].

@@ -13,7 +13,7 @@ pub mod vocab_loss;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use decoder::{Decoder, KvCache, Linear, Lora, Mode};
+pub use decoder::{Decoder, KvCache, Linear, Lora, Mode, SlotCache};
 pub use files::ModelFiles;
 pub use weights::{Source, Weights};
 

@@ -1,0 +1,173 @@
+//! Sampling on the device: per decoding step one uniform per row goes in and one (token,
+//! log-probability) pair per row comes out; the vocabulary-sized work stays where the logits
+//! are.
+//!
+//! The semantics are [`crate::generate::choose`]'s, computed in f64 like it: temperature, then
+//! top-k, top-p and min-p (vLLM's meanings and order), then the inverse CDF over the kept
+//! tokens in id order with the row's uniform, so a row draws the same token from the same
+//! uniform as the host sampler (up to rounding at a CDF boundary). Candle has no sort for a
+//! 128k vocabulary on CUDA and its cumsum is a matmul with a triangular matrix, so:
+//! - top-k and top-p become a threshold on the tempered logits, found by bisection: 64 halvings
+//!   of the row's logit range, which separates any two distinct f32 logits; tied logits at the
+//!   threshold are all kept (the host keeps the lowest ids);
+//! - the inverse CDF is searched in two levels: sums of blocks of 256 ids, the block, then the
+//!   id inside it.
+
+use crate::generate::SamplingParams;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Ids per block of the two-level CDF search.
+const BLOCK: usize = 256;
+/// Halvings of the logit range when searching a top-k or top-p threshold.
+const HALVINGS: usize = 64;
+
+/// `i` as f64 for every column: (1, n).
+fn arange(n: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F64)?
+        .unsqueeze(0)?)
+}
+
+/// Inclusive prefix sums along the last axis of (rows, n) (a matmul with a triangular matrix).
+fn cumsum(x: &Tensor) -> Result<Tensor> {
+    Ok(x.cumsum(D::Minus1)?)
+}
+
+/// The largest threshold τ (per row) with `holds(x ≥ τ)`, where `holds` is monotone: true at
+/// τ = min x. `x` (rows, vocab) f64; returns (rows, 1).
+fn threshold(
+    x: &Tensor,
+    lo: &Tensor,
+    hi: &Tensor,
+    holds: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (mut lo, mut hi) = (lo.clone(), hi.clone());
+    for _ in 0..HALVINGS {
+        let mid = ((&lo + &hi)? * 0.5)?;
+        let kept = x.broadcast_ge(&mid)?;
+        let ok = holds(&kept)?;
+        lo = ok.where_cond(&mid, &lo)?;
+        hi = ok.where_cond(&hi, &mid)?;
+    }
+    // `lo` satisfies the condition and is within rounding of the kept set's smallest logit.
+    Ok(lo)
+}
+
+/// Draw one token per row of `logits` (rows, vocab), row r with uniform `uniforms[r]` in
+/// [0, 1) (unused when greedy). Returns (token, log p(token)) per row under the untempered
+/// model. Errors when a row has a non-finite logit.
+pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec<(u32, f64)>> {
+    let dev = logits.device();
+    let (rows, vocab) = logits.dims2()?;
+    if uniforms.len() != rows {
+        bail!("internal: {} uniforms for {rows} rows", uniforms.len());
+    }
+    let l = logits.to_dtype(DType::F64)?;
+    let max = l.max_keepdim(1)?;
+    let lse = (max.clone() + l.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()?)?;
+    // Any NaN or infinity makes the row's sum non-finite.
+    let check = l.sum_keepdim(1)?;
+    let ids = arange(vocab, dev)?;
+    let token = if p.temperature == 0.0 {
+        // The first maximum, as the host's argmax.
+        let at_max = l.broadcast_eq(&max)?;
+        let past = Tensor::full(vocab as f64, (rows, vocab), dev)?;
+        at_max
+            .where_cond(&ids.broadcast_as((rows, vocab))?, &past)?
+            .min_keepdim(1)?
+    } else {
+        let x = (&l / p.temperature)?;
+        let xmax = (&max / p.temperature)?;
+        // exp(x − max x): the tempered probabilities times their normaliser.
+        let e = x.broadcast_sub(&xmax)?.exp()?;
+        let mut keep: Option<Tensor> = None;
+        let both = |a: Option<Tensor>, b: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match a {
+                Some(a) => (a * b)?,
+                None => b,
+            }))
+        };
+        if p.top_k.is_some() || p.top_p.is_some() {
+            let lo = x.min_keepdim(1)?;
+            if let Some(k) = p.top_k.filter(|&k| k < vocab) {
+                // Largest τ with at least k logits ≥ τ.
+                let tau = threshold(&x, &lo, &xmax, |kept| {
+                    Ok(kept.to_dtype(DType::F64)?.sum_keepdim(1)?.ge(k as f64)?)
+                })?;
+                keep = both(keep, x.broadcast_ge(&tau)?.to_dtype(DType::F64)?)?;
+            }
+            if let Some(top_p) = p.top_p.filter(|&q| q < 1.0) {
+                // Largest τ whose tokens ≥ τ carry at least top_p of the mass.
+                let z = e.sum_keepdim(1)?;
+                let tau = threshold(&x, &lo, &xmax, |kept| {
+                    let mass = (kept.to_dtype(DType::F64)? * &e)?.sum_keepdim(1)?;
+                    Ok(mass.ge(&(&z * top_p)?)?)
+                })?;
+                keep = both(keep, x.broadcast_ge(&tau)?.to_dtype(DType::F64)?)?;
+            }
+        }
+        if let Some(min_p) = p.min_p.filter(|&m| m > 0.0) {
+            keep = both(keep, e.ge(min_p)?.to_dtype(DType::F64)?)?;
+        }
+        let w = match keep {
+            Some(k) => (e * k)?,
+            None => e,
+        };
+        // Inverse CDF: the first id whose running sum exceeds u·z.
+        let u = Tensor::from_slice(uniforms, (rows, 1), dev)?;
+        let target = (w.sum_keepdim(1)? * u)?;
+        let nb = vocab.div_ceil(BLOCK);
+        let w = w.pad_with_zeros(1, 0, nb * BLOCK - vocab)?;
+        let w3 = w.reshape((rows, nb, BLOCK))?;
+        let blocks = w3.sum(2)?;
+        let before = cumsum(&blocks)?;
+        let bidx = arange(nb, dev)?;
+        // The block: how many blocks end at or below the target, but never past the last
+        // block with mass (rounding at the very end).
+        let past = before
+            .broadcast_le(&target)?
+            .to_dtype(DType::F64)?
+            .sum_keepdim(1)?;
+        let last = blocks
+            .gt(0.0)?
+            .where_cond(
+                &bidx.broadcast_as((rows, nb))?,
+                &bidx.zeros_like()?.broadcast_as((rows, nb))?,
+            )?
+            .max_keepdim(1)?;
+        let block = past.minimum(&last)?;
+        let prev = (bidx.broadcast_lt(&block)?.to_dtype(DType::F64)? * &blocks)?.sum_keepdim(1)?;
+        let sel = block
+            .to_dtype(DType::U32)?
+            .unsqueeze(2)?
+            .broadcast_as((rows, 1, BLOCK))?
+            .contiguous()?;
+        let inner = w3.gather(&sel, 1)?.squeeze(1)?;
+        let within = cumsum(&inner)?;
+        let iidx = arange(BLOCK, dev)?;
+        let at = within
+            .broadcast_le(&(target - prev)?)?
+            .to_dtype(DType::F64)?
+            .sum_keepdim(1)?;
+        let last_in = inner
+            .gt(0.0)?
+            .where_cond(
+                &iidx.broadcast_as((rows, BLOCK))?,
+                &iidx.zeros_like()?.broadcast_as((rows, BLOCK))?,
+            )?
+            .max_keepdim(1)?;
+        ((block * BLOCK as f64)? + at.minimum(&last_in)?)?
+    };
+    let lp = (l.gather(&token.to_dtype(DType::U32)?, 1)? - lse)?;
+    // One transfer: (token, log-prob, check) per row.
+    let out = Tensor::cat(&[&token, &lp, &check], 1)?.to_vec2::<f64>()?;
+    out.into_iter()
+        .map(|r| {
+            if !r[2].is_finite() {
+                bail!("the model produced non-finite logits (NaN or infinity); its weights may have diverged");
+            }
+            Ok((r[0] as u32, r[1]))
+        })
+        .collect()
+}
