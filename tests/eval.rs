@@ -232,6 +232,30 @@ fn generative_scores_follow_their_samples() {
             "3",
         ],
     );
+    // Answers decoded 7 at a time across documents (continuous batching) are the same answers.
+    let (report7, samples7) = eval(
+        d.path(),
+        "olmo",
+        &[
+            "--task",
+            "gsm8k:g.jsonl",
+            "-n",
+            "4",
+            "--temperature",
+            "1",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "3",
+            "--batch-size",
+            "7",
+        ],
+    );
+    assert_eq!(samples.len(), samples7.len());
+    for (a, b) in samples.iter().zip(&samples7) {
+        assert_eq!(a["resps"], b["resps"], "--batch-size 7 changed an answer");
+    }
+    assert_eq!(report["results"], report7["results"]);
     let r = &report["results"]["gsm8k"];
     let n = 4usize;
     let count = |k: &str| -> Vec<usize> {

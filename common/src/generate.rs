@@ -1,5 +1,7 @@
 //! Batched sampling with the KV cache: temperature, top-k, top-p, min-p (vLLM's meanings and
-//! order), one seeded random stream per sample, finished rows dropped from the batch.
+//! order), one seeded random stream per sample, and continuous batching (a finished row's place
+//! goes to the next sample, at its own positions). On a GPU the draw itself runs there
+//! ([`crate::sampler`]).
 //!
 //! Reproducibility: sample `index` under `seed` draws its uniforms from ChaCha8 stream `index`
 //! of key `seed`, so a sample does not depend on which batch or shard it was computed in.

@@ -96,7 +96,8 @@ pub struct Args {
 
     /// Score up to N (context, choice) rows in one forward pass, across questions (lm-eval's
     /// --batch_size; the fastest N depends on the model and device). 1: one question at a time,
-    /// its context computed once for all its choices.
+    /// its context computed once for all its choices. Generative tasks decode up to max(N, -n)
+    /// answers together, across questions; a finished answer's place goes to the next one.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
 

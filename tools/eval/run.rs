@@ -287,42 +287,61 @@ fn generative(
         .collect();
     let mut pass: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
     let mut maj: Vec<Vec<f64>> = vec![Vec::new(); ks.len()];
-    for (i, d) in docs.iter().enumerate() {
+    // Every document's prompt first (the few-shot sampler draws in document order), then all
+    // answers decoded together: up to max(--batch-size, -n) at a time across documents, a
+    // finished answer's place taken by the next (continuous batching). Answer j of document i
+    // draws from stream i·n + j, whatever the batch.
+    let mut prompts = Vec::with_capacity(docs.len());
+    for d in docs {
         let shots = fewshot.as_mut().map(|f| f.next()).unwrap_or_default();
         let text = gen_prompt(args, model, &shots, d)?;
         let mut ids = sc.prompt_ids(&text, keep)?;
         if ids.is_empty() {
             ids = vec![sc.prefix()?];
         }
-        let longest = ids.len();
-        let jobs =
-            (0..args.n).map(|j| (ids.clone(), sample_rng(args.seed, (i * args.n + j) as u64)));
-        let mut outs: Vec<Option<String>> = vec![None; args.n];
-        generate(
-            &model.decoder,
-            jobs,
-            args.n,
-            longest,
-            &params,
-            &model.eos_ids,
-            |row, g| {
-                let end =
-                    g.tokens.len() - usize::from(g.finish == cf_common::generate::Finish::Eos);
-                let mut s = model.tok.decode(&g.tokens[..end], true)?;
-                if let Some(cut) = stops
-                    .iter()
-                    .filter(|st| !st.is_empty())
-                    .filter_map(|st| s.find(st.as_str()))
-                    .min()
-                {
-                    s.truncate(cut);
-                }
-                outs[row] = Some(s);
-                Ok(())
-            },
-            |_| {},
-        )
-        .with_context(|| model.files.dir.display().to_string())?;
+        prompts.push((text, ids));
+    }
+    let longest = prompts.iter().map(|p| p.1.len()).max().unwrap_or(1);
+    let n = args.n;
+    let jobs = prompts.iter().enumerate().flat_map(|(i, (_, ids))| {
+        (0..n).map(move |j| (ids.clone(), sample_rng(args.seed, (i * n + j) as u64)))
+    });
+    let mut answers: Vec<Vec<Option<String>>> = vec![vec![None; n]; docs.len()];
+    let mut left: Vec<usize> = vec![n; docs.len()];
+    generate(
+        &model.decoder,
+        jobs,
+        (args.batch_size as usize).max(n),
+        longest,
+        &params,
+        &model.eos_ids,
+        |job, g| {
+            let end = g.tokens.len() - usize::from(g.finish == cf_common::generate::Finish::Eos);
+            let mut s = model.tok.decode(&g.tokens[..end], true)?;
+            if let Some(cut) = stops
+                .iter()
+                .filter(|st| !st.is_empty())
+                .filter_map(|st| s.find(st.as_str()))
+                .min()
+            {
+                s.truncate(cut);
+            }
+            let (i, j) = (job / n, job % n);
+            answers[i][j] = Some(s);
+            left[i] -= 1;
+            if left[i] == 0 {
+                progress.inc(1);
+            }
+            Ok(())
+        },
+        |_| {},
+    )
+    .with_context(|| model.files.dir.display().to_string())?;
+    for (i, (d, ((text, _), outs))) in docs
+        .iter()
+        .zip(prompts.into_iter().zip(answers))
+        .enumerate()
+    {
         let outs: Vec<String> = outs.into_iter().map(|o| o.unwrap_or_default()).collect();
         // lm-eval's gsm8k filters and exact_match, against the whole reference.
         let strict: Vec<String> = outs.iter().map(|o| lmeval::gsm8k_strict(o)).collect();
@@ -358,7 +377,6 @@ fn generative(
         r.insert("correct_flexible".into(), json!(cfl));
         r.insert("correct_cf".into(), json!(cc));
         samples.push(r);
-        progress.inc(1);
     }
     let mut m = Map::new();
     put(&mut m, "exact_match", "strict-match", &strict_acc);
