@@ -49,7 +49,12 @@ fn mask(
 /// `k` it may see (the first q0 + n: later ones are masked, so they are never computed).
 fn probs(qb: &Tensor, k: &Tensor, q0: usize, scale: f64) -> candle_core::Result<Tensor> {
     let (n, t) = (qb.dim(2)?, k.dim(2)?);
-    let s = (qb.matmul(&k.t()?)? * scale)?;
+    let s = qb.matmul(&k.t()?)?;
+    // On the CPU scale, mask and softmax are one threaded pass.
+    if let Some(p) = super::fused::causal_softmax(&s, q0, scale)? {
+        return Ok(p);
+    }
+    let s = (s * scale)?;
     let s = s.broadcast_add(&mask(q0, n, t, s.dtype(), qb.device())?)?;
     candle_nn::ops::softmax_last_dim(&s)
 }
@@ -176,8 +181,8 @@ impl CustomOp3 for CausalAttention {
         );
         let t = q.dim(2)?;
         let mut dq = Vec::new();
-        let mut dk = Tensor::zeros_like(&k)?;
-        let mut dv = Tensor::zeros_like(&v)?;
+        // Each query block's gradient for the keys (values) it sees, the first q0 + n.
+        let (mut dk, mut dv) = (Vec::new(), Vec::new());
         let mut q0 = 0;
         while q0 < t {
             let n = BLOCK.min(t - q0);
@@ -190,21 +195,42 @@ impl CustomOp3 for CausalAttention {
             let m = q0 + n;
             let (kb, vb) = (visible(&k, m)?, visible(&v, m)?);
             let p = probs(&qb, &kb, q0, self.scale)?;
-            let pad = |x: Tensor| x.pad_with_zeros(2, 0, t - m);
-            dv = (dv + pad(p.t()?.matmul(&gob)?)?)?;
+            dv.push(p.t()?.matmul(&gob)?);
             let dp = gob.matmul(&vb.t()?)?;
             let rows = (&gob * &ob)?.sum_keepdim(D::Minus1)?;
-            let ds = (p * dp.broadcast_sub(&rows)?)?;
-            dq.push((ds.matmul(&kb)? * self.scale)?);
-            dk = (dk + pad((ds.t()?.matmul(&qb)? * self.scale)?)?)?;
+            // dS·scale: on the CPU one threaded pass.
+            let ds = match super::fused::softmax_grad(&p, &dp, &rows, self.scale)? {
+                Some(ds) => ds,
+                None => ((p * dp.broadcast_sub(&rows)?)? * self.scale)?,
+            };
+            dq.push(ds.matmul(&kb)?);
+            dk.push(ds.t()?.matmul(&qb)?);
             q0 += n;
         }
         Ok((
             Some(Tensor::cat(&dq, 2)?.to_dtype(dt)?),
-            Some(dk.to_dtype(dt)?),
-            Some(dv.to_dtype(dt)?),
+            Some(key_sums(&dk, t)?.to_dtype(dt)?),
+            Some(key_sums(&dv, t)?.to_dtype(dt)?),
         ))
     }
+}
+
+/// The keys' gradient (b, h, t, d) from the query blocks' parts: part j (b, h, m_j, d) covers
+/// the keys block j sees. Key block i sums parts i, i+1, … in that order: the same additions as
+/// accumulating zero-padded parts, without padding each part to t.
+fn key_sums(parts: &[Tensor], t: usize) -> candle_core::Result<Tensor> {
+    let mut out = Vec::with_capacity(parts.len());
+    let mut k0 = 0;
+    for i in 0..parts.len() {
+        let n = BLOCK.min(t - k0);
+        let mut acc = parts[i].narrow(2, k0, n)?;
+        for p in &parts[i + 1..] {
+            acc = (acc + p.narrow(2, k0, n)?)?;
+        }
+        out.push(acc);
+        k0 += n;
+    }
+    Tensor::cat(&out, 2)
 }
 
 /// softmax(q kᵀ·scale + causal mask) v for q, k, v (b, heads, t, head_dim), differentiable,
