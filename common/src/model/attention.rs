@@ -181,7 +181,7 @@ impl CustomOp3 for CausalAttention {
         );
         let t = q.dim(2)?;
         let mut dq = Vec::new();
-        // Each query block's gradient for the keys (values) it sees, the first q0 + n.
+        // The keys' and values' gradients, per block of keys.
         let (mut dk, mut dv) = (Vec::new(), Vec::new());
         let mut q0 = 0;
         while q0 < t {
@@ -195,7 +195,7 @@ impl CustomOp3 for CausalAttention {
             let m = q0 + n;
             let (kb, vb) = (visible(&k, m)?, visible(&v, m)?);
             let p = probs(&qb, &kb, q0, self.scale)?;
-            dv.push(p.t()?.matmul(&gob)?);
+            add_per_key_block(&mut dv, &p.t()?.matmul(&gob)?)?;
             let dp = gob.matmul(&vb.t()?)?;
             let rows = (&gob * &ob)?.sum_keepdim(D::Minus1)?;
             // dS·scale: on the CPU one threaded pass.
@@ -204,33 +204,33 @@ impl CustomOp3 for CausalAttention {
                 None => ((p * dp.broadcast_sub(&rows)?)? * self.scale)?,
             };
             dq.push(ds.matmul(&kb)?);
-            dk.push(ds.t()?.matmul(&qb)?);
+            add_per_key_block(&mut dk, &ds.t()?.matmul(&qb)?)?;
             q0 += n;
         }
         Ok((
             Some(Tensor::cat(&dq, 2)?.to_dtype(dt)?),
-            Some(key_sums(&dk, t)?.to_dtype(dt)?),
-            Some(key_sums(&dv, t)?.to_dtype(dt)?),
+            Some(Tensor::cat(&dk, 2)?.to_dtype(dt)?),
+            Some(Tensor::cat(&dv, 2)?.to_dtype(dt)?),
         ))
     }
 }
 
-/// The keys' gradient (b, h, t, d) from the query blocks' parts: part j (b, h, m_j, d) covers
-/// the keys block j sees. Key block i sums parts i, i+1, … in that order: the same additions as
-/// accumulating zero-padded parts, without padding each part to t.
-fn key_sums(parts: &[Tensor], t: usize) -> candle_core::Result<Tensor> {
-    let mut out = Vec::with_capacity(parts.len());
+/// Add a query block's gradient for the keys it sees, `part` (b, h, m, d), into `sums`, one
+/// tensor per block of keys (a new block starts at `part`'s first unseen key). Key block i gets
+/// the parts of query blocks i, i+1, … in that order: the same additions as accumulating
+/// zero-padded parts into a (b, h, t, d) total, without padding each part to t.
+fn add_per_key_block(sums: &mut Vec<Tensor>, part: &Tensor) -> candle_core::Result<()> {
+    let m = part.dim(2)?;
     let mut k0 = 0;
-    for i in 0..parts.len() {
-        let n = BLOCK.min(t - k0);
-        let mut acc = parts[i].narrow(2, k0, n)?;
-        for p in &parts[i + 1..] {
-            acc = (acc + p.narrow(2, k0, n)?)?;
-        }
-        out.push(acc);
+    for s in sums.iter_mut() {
+        let n = s.dim(2)?;
+        *s = (&*s + part.narrow(2, k0, n)?)?;
         k0 += n;
     }
-    Tensor::cat(&out, 2)
+    if k0 < m {
+        sums.push(part.narrow(2, k0, m - k0)?.contiguous()?);
+    }
+    Ok(())
 }
 
 /// softmax(q kᵀ·scale + causal mask) v for q, k, v (b, heads, t, head_dim), differentiable,

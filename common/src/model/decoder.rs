@@ -42,7 +42,26 @@ pub struct Lora {
 
 impl Lora {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match (&self.rng, self.dropout > 0.0) {
+        let x = self.forward_input(x)?;
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        // The adapter keeps its own (f32) dtype over a half-precision base.
+        let x2 = x
+            .contiguous()?
+            .reshape((rows, *dims.last().unwrap()))?
+            .to_dtype(self.a.dtype())?;
+        let d = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        Ok((d * self.scale)?)
+    }
+
+    /// u = (α/r) · dropout(x) Aᵀ, (rows, r): the adapter's input to B.
+    fn down(&self, x2: &Tensor) -> Result<Tensor> {
+        let x = self.forward_input(x2)?.to_dtype(self.a.dtype())?;
+        Ok((x.matmul(&self.a.t()?)? * self.scale)?)
+    }
+
+    fn forward_input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match (&self.rng, self.dropout > 0.0) {
             (Some(rng), true) => {
                 use rand_chacha::rand_core::RngCore;
                 let keep = 1.0 - self.dropout;
@@ -61,16 +80,114 @@ impl Lora {
                 (x * mask)?
             }
             _ => x.clone(),
-        };
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        // The adapter keeps its own (f32) dtype over a half-precision base.
-        let x2 = x
-            .contiguous()?
-            .reshape((rows, *dims.last().unwrap()))?
-            .to_dtype(self.a.dtype())?;
-        let d = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
-        Ok((d * self.scale)?)
+        })
+    }
+}
+
+/// `y = x Wᵀ (+ bias) + u Bᵀ` for a LoRA layer over a frozen base, as one differentiable
+/// operation: candle's `add` would keep both summands (the base output and the adapter's, two
+/// (rows × out) tensors per projection) for a backward pass that needs neither. Its backward:
+/// dx = dy W, du = dy B, dB = dyᵀ u; the frozen W and bias get none.
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl LoraLinear {
+    fn compute(&self, x: &Tensor, u: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = x.matmul(&self.w.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let dt = y.dtype();
+        y + u.matmul(&b.t()?)?.to_dtype(dt)?
+    }
+}
+
+/// A tensor over a copy of a custom op's (contiguous) input.
+fn wrap_input(s: candle_core::Storage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    if !(l.is_contiguous() && l.start_offset() == 0) {
+        candle_core::bail!("LoRA linear: inputs must be contiguous");
+    }
+    Ok(Tensor::from_storage(
+        s,
+        l.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "cf-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::Storage;
+        let y = self
+            .compute(
+                &wrap_input(Storage::Cpu(s1.clone()), l1)?,
+                &wrap_input(Storage::Cpu(s2.clone()), l2)?,
+                &wrap_input(Storage::Cpu(s3.clone()), l3)?,
+            )?
+            .contiguous()?;
+        let shape = y.shape().clone();
+        let (st, _) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(c) => Ok((c.clone(), shape)),
+            _ => candle_core::bail!("LoRA linear: not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::Storage;
+        let y = self
+            .compute(
+                &wrap_input(Storage::Cuda(s1.try_clone(l1)?), l1)?,
+                &wrap_input(Storage::Cuda(s2.try_clone(l2)?), l2)?,
+                &wrap_input(Storage::Cuda(s3.try_clone(l3)?), l3)?,
+            )?
+            .contiguous()?;
+        let shape = y.shape().clone();
+        let (st, l) = y.storage_and_layout();
+        match &*st {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, shape)),
+            _ => candle_core::bail!("LoRA linear: not on the GPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        u: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.detach();
+        let dx = dy.matmul(&self.w)?;
+        let dyf = dy.to_dtype(u.dtype())?;
+        let du = dyf.matmul(&b.detach())?;
+        let db = dyf.t()?.matmul(&u.detach())?;
+        Ok((Some(dx), Some(du), Some(db)))
     }
 }
 
@@ -100,13 +217,28 @@ impl Linear {
         let inp = *dims.last().expect("linear input has a last dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.contiguous()?.reshape((rows, inp))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            y = (y + l.forward(&x2)?.to_dtype(x2.dtype())?)?;
-        }
+        let y = match &self.lora {
+            // Training an adapter: the base output and the adapter's in one operation, which
+            // keeps neither for the backward pass.
+            Some(l) if l.b.track_op() => {
+                let u = l.down(&x2)?.contiguous()?;
+                let op = LoraLinear {
+                    w: self.weight.clone(),
+                    bias: self.bias.clone(),
+                };
+                x2.apply_op3_arc(&u, &l.b.contiguous()?, std::sync::Arc::new(Box::new(op)))?
+            }
+            _ => {
+                let mut y = x2.matmul(&self.weight.t()?)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(l) = &self.lora {
+                    y = (y + l.forward(&x2)?.to_dtype(x2.dtype())?)?;
+                }
+                y
+            }
+        };
         let mut out = dims;
         *out.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
@@ -500,12 +632,7 @@ impl Attention {
             None => (k.contiguous()?, v),
         };
         let len = k.dim(2)?;
-        if mode == Mode::Train
-            && (x.device().is_cpu() || x.device().is_cuda())
-            && mask.is_some()
-            && offset == 0
-            && !per_row
-        {
+        if blockwise(mode, x.device(), t, offset) && !per_row {
             // Training: attention that keeps no (heads × t × t) probabilities for the backward
             // pass (super::attention), keys and values repeated per query head.
             let n_rep = self.heads / kvh;
@@ -768,7 +895,7 @@ impl Decoder {
             t,
             self.cfg.hidden_size,
         ))?;
-        let mask = if t > 1 {
+        let mask = if t > 1 && !blockwise(self.mode, &self.device, t, offset) {
             Some(causal_mask(t, offset, upcast(self.dtype), &self.device)?)
         } else {
             None
@@ -873,9 +1000,10 @@ impl Decoder {
         ))?)
     }
 
-    /// The causal mask of a full (uncached) forward over t positions, if t > 1.
+    /// The causal mask of a full (uncached) forward over t positions, if t > 1 and attention
+    /// is not blockwise (which needs none).
     pub fn full_mask(&self, t: usize) -> Result<Option<Tensor>> {
-        Ok(if t > 1 {
+        Ok(if t > 1 && !blockwise(self.mode, &self.device, t, 0) {
             Some(causal_mask(t, 0, upcast(self.dtype), &self.device)?)
         } else {
             None
@@ -952,6 +1080,13 @@ impl Decoder {
 }
 
 /// Additive causal mask (t, offset + t): 0 where query i may see key j, -inf elsewhere.
+/// Whether attention over t new positions after `offset` cached ones runs blockwise
+/// (super::attention): training on the CPU or CUDA over a whole sequence. It is causal without
+/// a mask tensor, so none is built (a (t × t) mask is 268 MB at 8192 tokens).
+fn blockwise(mode: Mode, device: &Device, t: usize, offset: usize) -> bool {
+    mode == Mode::Train && (device.is_cpu() || device.is_cuda()) && t > 1 && offset == 0
+}
+
 pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {
