@@ -153,6 +153,89 @@ fn gpu_sampling_matches_the_cpu() {
     assert_eq!(a.stdout, b.stdout);
 }
 
+/// The device sampler on CUDA tensors draws the host sampler's tokens (see
+/// sample::the_device_sampler_draws_what_the_host_sampler_draws, its CPU twin), and at f32
+/// cf-sample with --temperature 1 on the GPU draws what the CPU draws.
+#[test]
+fn gpu_device_sampler_draws_what_the_host_draws() {
+    use cf_common::generate::{choose, draw_on_device, sample_rng, SamplingParams};
+    use rand_chacha::rand_core::RngCore;
+    let Some(dev) = gpu() else { return };
+    let base = SamplingParams {
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        max_tokens: 1,
+    };
+    let modes = [
+        base.clone(),
+        SamplingParams {
+            temperature: 0.0,
+            ..base.clone()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: Some(20),
+            top_p: Some(0.8),
+            min_p: Some(0.05),
+            ..base.clone()
+        },
+    ];
+    let (rows, vocab) = (64usize, 50_304usize);
+    let mut g = sample_rng(5, 0);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| (g.next_u32() as f32 / u32::MAX as f32 - 0.5) * 16.0)
+        .collect();
+    let t = Tensor::from_slice(&logits, (rows, vocab), &dev).unwrap();
+    for p in &modes {
+        let mut host: Vec<_> = (0..rows as u64).map(|i| sample_rng(9, i)).collect();
+        let mut on_dev = host.clone();
+        let got = draw_on_device(&t, on_dev.iter_mut().collect(), p).unwrap();
+        for (r, rng) in host.iter_mut().enumerate() {
+            let (tok, lp) = choose(&logits[r * vocab..(r + 1) * vocab], p, rng);
+            assert_eq!(got[r].0, tok, "{p:?} row {r}");
+            assert!(
+                (got[r].1 - lp).abs() < 1e-9,
+                "{p:?} row {r}: {} vs {lp}",
+                got[r].1
+            );
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("llama3");
+    let args = |dev: &'static str| {
+        vec![
+            "--model",
+            m.to_str().unwrap(),
+            "-n",
+            "24",
+            "--max-tokens",
+            "16",
+            "--seed",
+            "6",
+            "--batch-size",
+            "5",
+            "--device",
+            dev,
+            "--dtype",
+            "f32",
+            "-q",
+        ]
+    };
+    let (c, g) = (
+        run("cf-sample", &args("cpu"), d.path(), None),
+        run("cf-sample", &args("cuda"), d.path(), None),
+    );
+    assert_eq!(g.code, 0, "{g}");
+    let toks = |out: &str| {
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(toks(&c.stdout), toks(&g.stdout));
+}
+
 #[test]
 fn gpu_training_step_matches_pytorch_and_lora_trains() {
     if gpu().is_none() {
