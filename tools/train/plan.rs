@@ -5,8 +5,7 @@
 //!   rebuilt each step); LoRA keeps the frozen base in the compute dtype and f32 adapters;
 //!   `--exact-kl` adds a frozen copy of the original in the compute dtype;
 //! - gradients: f32, one per trainable weight (plus, for a bf16 forward, the bf16 gradients of
-//!   the cast weights; for LoRA without checkpointing, the gradients candle computes for the
-//!   frozen base weights, which live until the backward pass ends);
+//!   the cast weights; LoRA's frozen base weights get none);
 //! - optimizer: AdamW's two f32 moments per trainable weight;
 //! - activations: what one decoder layer keeps for its backward pass (norms, projections,
 //!   rotated queries and keys, repeated keys and values, the MLP; the fused norm, rotary and
@@ -141,14 +140,9 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
         grads += dt * if ckpt { layer_params } else { p };
         gnote.push_str(", and of the compute copy");
     }
-    if args.lora_rank.is_some() {
-        grads += dt * if ckpt { layer_params } else { layer_params * l };
-        gnote.push_str(if ckpt {
-            ", and one layer's frozen weights' (computed by candle, dropped at once)"
-        } else {
-            ", and every frozen weight's (candle computes them; --gradient-checkpointing keeps one layer's)"
-        });
-    }
+    // LoRA: the frozen base weights get no gradient (model::decoder's LoraLinear computes the
+    // input's and the adapter's only; candle's matmul backward would compute and keep one for
+    // every weight).
     part("gradients", grads, gnote);
     part("optimizer", 8.0 * trainable, "AdamW moments, f32".into());
     // One layer's saved tensors (the code's count; see decoder.rs and model::fused): the
@@ -206,14 +200,7 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
         (true, true) => 4.5,
         (true, false) => 3.5,
     };
-    // A frozen output weight (LoRA): half a copy more in the compute dtype, measured on the
-    // Llama-3-8B shape (two runs, +12% and +15% without it); what holds it is not yet known.
-    let frozen_head = if head_trainable {
-        0.0
-    } else {
-        0.5 * v * h * dt
-    };
-    let loss = 6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + head_copies * v * h * 4.0 + frozen_head;
+    let loss = 6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + head_copies * v * h * 4.0;
     part(
         "loss",
         loss,
