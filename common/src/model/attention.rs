@@ -86,20 +86,7 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Resul
 }
 
 fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let t = Tensor::from_storage(
-        Storage::Cpu(s.clone()),
-        l.shape().clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    );
-    // The op is applied to contiguous inputs; honour a start offset all the same.
-    if l.is_contiguous() && l.start_offset() == 0 {
-        Ok(t)
-    } else {
-        Err(candle_core::Error::Msg(
-            "attention: inputs must be contiguous".into(),
-        ))
-    }
+    super::decoder::wrap_input(Storage::Cpu(s.clone()), l)
 }
 
 impl CustomOp3 for CausalAttention {
@@ -140,17 +127,7 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let wrap = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
-            if !(l.is_contiguous() && l.start_offset() == 0) {
-                return Err(candle_core::Error::Msg(
-                    "attention: inputs must be contiguous".into(),
-                ));
-            }
-            Ok(Tensor::from_storage(
-                Storage::Cuda(s.try_clone(l)?),
-                l.shape().clone(),
-                candle_core::op::BackpropOp::none(),
-                false,
-            ))
+            super::decoder::wrap_input(Storage::Cuda(s.try_clone(l)?), l)
         };
         let o =
             forward(&wrap(s1, l1)?, &wrap(s2, l2)?, &wrap(s3, l3)?, self.scale)?.contiguous()?;

@@ -104,10 +104,14 @@ impl LoraLinear {
     }
 }
 
-/// A tensor over a copy of a custom op's (contiguous) input.
-fn wrap_input(s: candle_core::Storage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+/// A tensor over a copy of a custom op's input, which must be contiguous from its start (the
+/// ops here make their inputs so).
+pub(crate) fn wrap_input(
+    s: candle_core::Storage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
     if !(l.is_contiguous() && l.start_offset() == 0) {
-        candle_core::bail!("LoRA linear: inputs must be contiguous");
+        candle_core::bail!("custom op: inputs must be contiguous");
     }
     Ok(Tensor::from_storage(
         s,
