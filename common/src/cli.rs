@@ -79,11 +79,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// Set a CUDA device up for many small kernels and allocations (a decoding step is hundreds of
 /// each; the kit's `cfshim.c` measured both costs):
-/// - cudarc records two events per allocation so that several streams may share memory; candle
-///   runs everything for a device on one stream, so they only cost time: tracking is off;
+/// - cudarc creates two events per allocation for the case of several streams sharing memory;
+///   candle runs each device on one stream, where they are never waited on and only cost their
+///   creation: tracking is off;
 /// - the default memory pool hands freed memory back to the driver at every synchronisation
 ///   (release threshold 0), so the next step allocates it again: the threshold is raised to
-///   keep it, as PyTorch's caching allocator does.
+///   keep it, as PyTorch's caching allocator does. A device without memory pools (some vGPU
+///   and WSL set-ups; cudarc then allocates synchronously) is left as it is.
 #[cfg(feature = "cuda")]
 fn tune_cuda(dev: &Device) -> Result<()> {
     use cudarc::driver::sys;
@@ -93,6 +95,9 @@ fn tune_cuda(dev: &Device) -> Result<()> {
     // SAFETY: every kernel and copy of this device goes through candle's one stream, so no
     // allocation is ever used on another stream before its writes finish.
     unsafe { ctx.disable_event_tracking() };
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: plain driver calls on a device the context above has initialised.
     let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };

@@ -139,16 +139,27 @@ pub fn choose(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32,
     probs.iter_mut().for_each(|q| *q /= z);
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    // Tokens tied with the last one kept at a top-k or top-p cut are kept too (vLLM's top-k
+    // rule; the device sampler's threshold keeps them alike).
+    let with_ties = |keep: usize| {
+        let cut = probs[order[keep - 1]];
+        keep + order[keep..]
+            .iter()
+            .take_while(|&&i| probs[i] == cut)
+            .count()
+    };
     let mut keep = order.len();
     if let Some(k) = p.top_k {
-        keep = keep.min(k);
+        if k < keep {
+            keep = with_ties(k);
+        }
     }
     if let Some(top_p) = p.top_p {
         let mut acc = 0.0;
         for (n, &i) in order[..keep].iter().enumerate() {
             acc += probs[i];
             if acc >= top_p {
-                keep = n + 1;
+                keep = with_ties(n + 1);
                 break;
             }
         }
@@ -390,6 +401,21 @@ mod tests {
             // exp(-1) < 0.5 < exp(0): only token 0 and 1 (p1/p0 = e^-1 = 0.37 < 0.5 → only 0)
             assert_eq!(choose(&logits, &p, &mut r).0, 0);
         }
+    }
+
+    #[test]
+    fn tokens_tied_at_a_cut_are_kept() {
+        // top-k 2 over [2, 1, 1, 0]: ids 1 and 2 tie at the cut, so both stay (vLLM's rule);
+        // id 3 never comes.
+        let logits = [2.0f32, 1.0, 1.0, 0.0];
+        let p = SamplingParams {
+            top_k: Some(2),
+            ..params(1.0)
+        };
+        let seen: std::collections::BTreeSet<u32> = (0..400)
+            .map(|s| choose(&logits, &p, &mut sample_rng(s, 0)).0)
+            .collect();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 
     #[test]

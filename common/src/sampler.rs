@@ -8,8 +8,9 @@
 //! uniform as the host sampler (up to rounding at a CDF boundary). Candle has no sort for a
 //! 128k vocabulary on CUDA and its cumsum is a matmul with a triangular matrix, so:
 //! - top-k and top-p become a threshold on the tempered logits, found by bisection: 64 halvings
-//!   of the row's logit range, which separates any two distinct f32 logits; tied logits at the
-//!   threshold are all kept (the host keeps the lowest ids);
+//!   of the range from the row's maximum down to 800 below it (below that a token's probability
+//!   is 0 in f64), which separates any two distinct f32 logits; logits tied at the cut are all
+//!   kept, on the host too (vLLM's top-k rule);
 //! - the inverse CDF is searched in two levels: sums of blocks of 256 ids, the block, then the
 //!   id inside it.
 
@@ -89,7 +90,9 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
             }))
         };
         if p.top_k.is_some() || p.top_p.is_some() {
-            let lo = x.min_keepdim(1)?;
+            // Tokens more than 800 below the maximum have probability 0: a threshold below
+            // them keeps nothing that can be drawn, so the search starts there.
+            let lo = x.min_keepdim(1)?.maximum(&(&xmax - 800.0)?)?;
             if let Some(k) = p.top_k.filter(|&k| k < vocab) {
                 // Largest τ with at least k logits ≥ τ.
                 let tau = threshold(&x, &lo, &xmax, |kept| {
@@ -137,7 +140,15 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
             )?
             .max_keepdim(1)?;
         let block = past.minimum(&last)?;
-        let prev = (bidx.broadcast_lt(&block)?.to_dtype(DType::F64)? * &blocks)?.sum_keepdim(1)?;
+        // The mass before the block, from the same running sums that chose it.
+        let ends_before = Tensor::cat(
+            &[
+                &Tensor::zeros((rows, 1), DType::F64, dev)?,
+                &before.narrow(1, 0, nb - 1)?,
+            ],
+            1,
+        )?;
+        let prev = ends_before.gather(&block.to_dtype(DType::U32)?, 1)?;
         let sel = block
             .to_dtype(DType::U32)?
             .unsqueeze(2)?
@@ -150,15 +161,21 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
             .broadcast_le(&(target - prev)?)?
             .to_dtype(DType::F64)?
             .sum_keepdim(1)?;
-        let last_in = inner
-            .gt(0.0)?
-            .where_cond(
-                &iidx.broadcast_as((rows, BLOCK))?,
-                &iidx.zeros_like()?.broadcast_as((rows, BLOCK))?,
-            )?
+        // Rounding may put the target just outside the block's mass: stay between its first
+        // and last tokens that can be drawn (the block has mass, so both exist).
+        let drawable = inner.gt(0.0)?;
+        let at_idx = iidx.broadcast_as((rows, BLOCK))?;
+        let last_in = drawable
+            .where_cond(&at_idx, &iidx.zeros_like()?.broadcast_as((rows, BLOCK))?)?
             .max_keepdim(1)?;
-        ((block * BLOCK as f64)? + at.minimum(&last_in)?)?
+        let first_in = drawable
+            .where_cond(&at_idx, &Tensor::full(BLOCK as f64, (rows, BLOCK), dev)?)?
+            .min_keepdim(1)?;
+        ((block * BLOCK as f64)? + at.minimum(&last_in)?.maximum(&first_in)?)?
     };
+    // A NaN row matches no maximum (greedy gives `vocab`): keep the index in range so the
+    // gather is valid; the check below reports the row.
+    let token = token.minimum((vocab - 1) as f64)?;
     let lp = (l.gather(&token.to_dtype(DType::U32)?, 1)? - lse)?;
     // One transfer: (token, log-prob, check) per row.
     let out = Tensor::cat(&[&token, &lp, &check], 1)?.to_vec2::<f64>()?;
