@@ -96,6 +96,46 @@ for vocab in [50304, 128256]:
         sample_vs_generate(f"cf-sample vs generate, vocabulary {vocab} (wall, incl. load)", vdir, vm, b, 32)
         print(rows[-1], file=sys.stderr, flush=True)
 
+# Samples that end at EOS, at random lengths: 400 of the 8192 ids are EOS ids (config.json's
+# eos_token_id list, which both tools honour), so a sample ends with probability ~5% per token.
+# 256 samples at batch 32, at most 128 tokens: `generate` runs 8 batches, each until its longest
+# sample ends; cf-sample refills finished rows (continuous batching). Tokens counted: those
+# generated up to and including EOS.
+edir = os.path.join(out, "model-eos")
+eos_ids = list(range(2, 402))
+if not os.path.isdir(edir):
+    subprocess.run(["cp", "-r", model_dir, edir], check=True)
+    for name in ["config.json", "generation_config.json"]:
+        p = os.path.join(edir, name)
+        if os.path.exists(p):
+            c = json.load(open(p))
+            c["eos_token_id"] = eos_ids
+            json.dump(c, open(p, "w"), indent=2)
+t0 = time.perf_counter()
+res = subprocess.run([cf, "--model", edir, "-n", "256", "--batch-size", "32", "--max-tokens", "128", "--seed", "3", "-q"],
+                     check=True, capture_output=True, text=True)
+cf_s = time.perf_counter() - t0
+cf_tokens = sum(json.loads(l)["n_tokens"] for l in res.stdout.splitlines())
+em = transformers.AutoModelForCausalLM.from_pretrained(edir, dtype=torch.float32, attn_implementation="sdpa").eval()
+hf_tokens = 0
+eos_set = set(eos_ids)
+with torch.no_grad():
+    torch.manual_seed(3)
+    t0 = time.perf_counter()
+    for _ in range(256 // 32):
+        g = em.generate(torch.ones((32, 1), dtype=torch.long), do_sample=True, top_k=0, temperature=1.0,
+                        max_new_tokens=128, eos_token_id=eos_ids, pad_token_id=0)
+        for row in g[:, 1:].tolist():
+            for t in row:
+                hf_tokens += 1
+                if t in eos_set:
+                    break
+    hf_s = time.perf_counter() - t0
+print(f"bench: EOS-ended samples: cf {cf_tokens} tokens in {cf_s:.2f} s, generate {hf_tokens} tokens in {hf_s:.2f} s",
+      file=sys.stderr)
+rows.append(("cf-sample vs generate, 256 samples ending at EOS (~5%/token, ≤128), batch 32 (wall, incl. load)", 32,
+             cf_tokens / cf_s, hf_tokens / hf_s))
+
 # cf-kl (two models score every sample; exact token KL) against a PyTorch forward doing the same.
 samples = os.path.join(out, "cfs.jsonl")
 with open(samples, "w") as f:
