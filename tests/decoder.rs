@@ -797,21 +797,25 @@ fn lora_gradients(fam: &str) {
     let w = vec![1.0f32; rows.len()];
     let idx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
     let h = cfg.hidden_size;
-    let hr = d
-        .forward_hidden(&ids_t, None)
-        .unwrap()
-        .reshape((b * l, h))
-        .unwrap()
-        .index_select(&idx, 0)
-        .unwrap();
-    let lp = candle_nn::ops::log_softmax(&d.logits(&hr).unwrap(), candle_core::D::Minus1).unwrap();
     let tg = Tensor::new(targets.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(1)
         .unwrap();
-    let loss = (lp.gather(&tg, 1).unwrap().sum_all().unwrap().neg().unwrap() / 40.0).unwrap();
+    // The plain composition's loss: log-softmax over the whole vocabulary, no chunks.
+    let plain_loss = |d: &Decoder| -> Tensor {
+        let hr = d
+            .forward_hidden(&ids_t, None)
+            .unwrap()
+            .reshape((b * l, h))
+            .unwrap()
+            .index_select(&idx, 0)
+            .unwrap();
+        let lp =
+            candle_nn::ops::log_softmax(&d.logits(&hr).unwrap(), candle_core::D::Minus1).unwrap();
+        (lp.gather(&tg, 1).unwrap().sum_all().unwrap().neg().unwrap() / 40.0).unwrap()
+    };
     let mut plain = HashMap::new();
-    staged::add_grads(&mut plain, &adapters, &loss.backward().unwrap()).unwrap();
+    staged::add_grads(&mut plain, &adapters, &plain_loss(&d).backward().unwrap()).unwrap();
     assert_eq!(plain.len(), adapters.len());
     // An independent reference: the same loss through merged weights W + s·B·A trained as
     // plain weights (no adapter code at all); by the chain rule dA = s·Bᵀ·dW and dB = s·dW·Aᵀ.
@@ -831,25 +835,7 @@ fn lora_gradients(fam: &str) {
         merged_vars.push((stem.to_string(), v));
     }
     let dm = Decoder::new(&cfg, &merged, DType::F64, &Device::Cpu, Mode::Train).unwrap();
-    let hm = dm
-        .forward_hidden(&ids_t, None)
-        .unwrap()
-        .reshape((b * l, h))
-        .unwrap()
-        .index_select(&idx, 0)
-        .unwrap();
-    let lpm =
-        candle_nn::ops::log_softmax(&dm.logits(&hm).unwrap(), candle_core::D::Minus1).unwrap();
-    let loss_m = (lpm
-        .gather(&tg, 1)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .neg()
-        .unwrap()
-        / 40.0)
-        .unwrap();
-    let gm = loss_m.backward().unwrap();
+    let gm = plain_loss(&dm).backward().unwrap();
     for (stem, v) in &merged_vars {
         let dw = gm.get(v.as_tensor()).unwrap();
         let (a, bm) = (

@@ -216,40 +216,24 @@ fn generative_scores_follow_their_samples() {
             .collect::<String>(),
     )
     .unwrap();
-    let (report, samples) = eval(
-        d.path(),
-        "olmo",
-        &[
-            "--task",
-            "gsm8k:g.jsonl",
-            "-n",
-            "4",
-            "--temperature",
-            "1",
-            "--max-tokens",
-            "12",
-            "--seed",
-            "3",
-        ],
-    );
+    let flags = [
+        "--task",
+        "gsm8k:g.jsonl",
+        "-n",
+        "4",
+        "--temperature",
+        "1",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+    ];
+    let (report, samples) = eval(d.path(), "olmo", &flags);
     // Answers decoded 7 at a time across documents (continuous batching) are the same answers.
     let (report7, samples7) = eval(
         d.path(),
         "olmo",
-        &[
-            "--task",
-            "gsm8k:g.jsonl",
-            "-n",
-            "4",
-            "--temperature",
-            "1",
-            "--max-tokens",
-            "12",
-            "--seed",
-            "3",
-            "--batch-size",
-            "7",
-        ],
+        &[&flags[..], &["--batch-size", "7"]].concat(),
     );
     assert_eq!(samples.len(), samples7.len());
     for (a, b) in samples.iter().zip(&samples7) {

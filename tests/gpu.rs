@@ -76,42 +76,47 @@ fn gpu_logprobs_match_the_reference_in_f32_and_bf16() {
     }
 }
 
-#[test]
-fn gpu_sampling_matches_the_cpu() {
-    if gpu().is_none() {
-        return;
-    }
+/// The `token_ids` of each cf-sample record on stdout.
+fn token_ids(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
+        .collect()
+}
+
+/// cf-sample on the llama3 fixture in f32 with the same flags on the CPU and on the GPU: the
+/// token ids of each.
+fn sample_on_both(flags: &[&str]) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let d = tempfile::tempdir().unwrap();
     let m = fixture("llama3");
-    let m = m.to_str().unwrap();
-    let args = |dev: &'static str| {
-        vec![
+    let on = |dev: &str| {
+        let mut a = vec![
             "--model",
-            m,
-            "-n",
-            "8",
-            "--max-tokens",
-            "20",
-            "--temperature",
-            "0",
+            m.to_str().unwrap(),
             "--device",
             dev,
             "--dtype",
             "f32",
             "-q",
-        ]
+        ];
+        a.extend_from_slice(flags);
+        let r = run("cf-sample", &a, d.path(), None);
+        assert_eq!(r.code, 0, "{dev}: {r}");
+        token_ids(&r.stdout)
     };
-    let (cpu, gpu) = (
-        run("cf-sample", &args("cpu"), d.path(), None),
-        run("cf-sample", &args("cuda"), d.path(), None),
-    );
-    assert_eq!(gpu.code, 0, "{gpu}");
-    let toks = |out: &str| {
-        out.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(toks(&cpu.stdout), toks(&gpu.stdout));
+    (on("cpu"), on("cuda"))
+}
+
+#[test]
+fn gpu_sampling_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let (cpu, gpu) = sample_on_both(&["-n", "8", "--max-tokens", "20", "--temperature", "0"]);
+    assert_eq!(cpu, gpu);
+    let d = tempfile::tempdir().unwrap();
+    let m = fixture("llama3");
+    let m = m.to_str().unwrap();
     // Sampling at temperature 1 runs and is reproducible on the GPU.
     let a = run(
         "cf-sample",
@@ -158,28 +163,17 @@ fn gpu_sampling_matches_the_cpu() {
 /// cf-sample with --temperature 1 on the GPU draws what the CPU draws.
 #[test]
 fn gpu_device_sampler_draws_what_the_host_draws() {
-    use cf_common::generate::{choose, draw_on_device, sample_rng, SamplingParams};
+    use cf_common::generate::{sample_rng, SamplingParams};
     use rand_chacha::rand_core::RngCore;
     let Some(dev) = gpu() else { return };
-    let base = SamplingParams {
-        temperature: 1.0,
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        max_tokens: 1,
-    };
     let modes = [
-        base.clone(),
+        sampling(1.0),
+        sampling(0.0),
         SamplingParams {
-            temperature: 0.0,
-            ..base.clone()
-        },
-        SamplingParams {
-            temperature: 0.7,
             top_k: Some(20),
             top_p: Some(0.8),
             min_p: Some(0.05),
-            ..base.clone()
+            ..sampling(0.7)
         },
     ];
     let (rows, vocab) = (64usize, 50_304usize);
@@ -189,51 +183,19 @@ fn gpu_device_sampler_draws_what_the_host_draws() {
         .collect();
     let t = Tensor::from_slice(&logits, (rows, vocab), &dev).unwrap();
     for p in &modes {
-        let mut host: Vec<_> = (0..rows as u64).map(|i| sample_rng(9, i)).collect();
-        let mut on_dev = host.clone();
-        let got = draw_on_device(&t, on_dev.iter_mut().collect(), p).unwrap();
-        for (r, rng) in host.iter_mut().enumerate() {
-            let (tok, lp) = choose(&logits[r * vocab..(r + 1) * vocab], p, rng);
-            assert_eq!(got[r].0, tok, "{p:?} row {r}");
-            assert!(
-                (got[r].1 - lp).abs() < 1e-9,
-                "{p:?} row {r}: {} vs {lp}",
-                got[r].1
-            );
-        }
+        device_draws_match_host(&t, &logits, p, 9, 1e-9);
     }
-    let d = tempfile::tempdir().unwrap();
-    let m = fixture("llama3");
-    let args = |dev: &'static str| {
-        vec![
-            "--model",
-            m.to_str().unwrap(),
-            "-n",
-            "24",
-            "--max-tokens",
-            "16",
-            "--seed",
-            "6",
-            "--batch-size",
-            "5",
-            "--device",
-            dev,
-            "--dtype",
-            "f32",
-            "-q",
-        ]
-    };
-    let (c, g) = (
-        run("cf-sample", &args("cpu"), d.path(), None),
-        run("cf-sample", &args("cuda"), d.path(), None),
-    );
-    assert_eq!(g.code, 0, "{g}");
-    let toks = |out: &str| {
-        out.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(toks(&c.stdout), toks(&g.stdout));
+    let (c, g) = sample_on_both(&[
+        "-n",
+        "24",
+        "--max-tokens",
+        "16",
+        "--seed",
+        "6",
+        "--batch-size",
+        "5",
+    ]);
+    assert_eq!(c, g);
 }
 
 #[test]

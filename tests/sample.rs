@@ -597,25 +597,13 @@ fn shard_auto_takes_the_part_from_the_scheduler() {
 /// within rounding of a CDF boundary (never seen in these 12,000 draws).
 #[test]
 fn the_device_sampler_draws_what_the_host_sampler_draws() {
-    use cf_common::generate::{choose, draw_on_device, sample_rng, SamplingParams};
+    use cf_common::generate::{draw_on_device, sample_rng, SamplingParams};
     use rand_chacha::rand_core::RngCore;
-    let base = SamplingParams {
-        temperature: 1.0,
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        max_tokens: 1,
-    };
+    let base = sampling(1.0);
     let modes = [
         base.clone(),
-        SamplingParams {
-            temperature: 0.0,
-            ..base.clone()
-        },
-        SamplingParams {
-            temperature: 0.7,
-            ..base.clone()
-        },
+        sampling(0.0),
+        sampling(0.7),
         SamplingParams {
             top_k: Some(5),
             ..base.clone()
@@ -636,9 +624,8 @@ fn the_device_sampler_draws_what_the_host_sampler_draws() {
             ..base.clone()
         },
         SamplingParams {
-            temperature: 0.5,
             top_k: Some(1),
-            ..base.clone()
+            ..sampling(0.5)
         },
     ];
     let mut draws = 0;
@@ -658,37 +645,17 @@ fn the_device_sampler_draws_what_the_host_sampler_draws() {
         let t = Tensor::from_slice(&logits, (rows, vocab), &Device::Cpu).unwrap();
         for p in &modes {
             for round in 0..((12_000 / 3 / modes.len()) / rows) as u64 {
-                let mut host_rngs: Vec<_> =
-                    (0..rows as u64).map(|i| sample_rng(round, i)).collect();
-                let mut dev_rngs = host_rngs.clone();
-                let got = draw_on_device(&t, dev_rngs.iter_mut().collect(), p).unwrap();
-                for (r, rng) in host_rngs.iter_mut().enumerate() {
-                    let (tok, lp) = choose(&logits[r * vocab..(r + 1) * vocab], p, rng);
-                    assert_eq!(got[r].0, tok, "vocab {vocab} {p:?} row {r} round {round}");
-                    assert!(
-                        (got[r].1 - lp).abs() < 1e-12,
-                        "log-prob {} vs {lp}",
-                        got[r].1
-                    );
-                    draws += 1;
-                }
+                let got = device_draws_match_host(&t, &logits, p, round, 1e-12);
                 if p.temperature == 0.0 {
-                    assert_eq!(got[0].0, 3, "greedy takes the first of tied maxima");
+                    assert_eq!(got[0], 3, "greedy takes the first of tied maxima");
                 }
-                // The streams advanced alike (one uniform per draw, none when greedy).
-                assert_eq!(host_rngs[1].next_u64(), dev_rngs[1].next_u64());
+                draws += rows;
             }
         }
     }
     assert!(draws >= 10_000);
     let bad = Tensor::new(&[[0.0f32, f32::NAN], [0.0, 1.0]], &Device::Cpu).unwrap();
-    for p in [
-        base.clone(),
-        SamplingParams {
-            temperature: 0.0,
-            ..base.clone()
-        },
-    ] {
+    for p in [base, sampling(0.0)] {
         let mut r = [sample_rng(0, 0), sample_rng(0, 1)];
         let e = draw_on_device(&bad, r.iter_mut().collect(), &p).unwrap_err();
         assert!(e.to_string().contains("non-finite"), "{e}");

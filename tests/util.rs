@@ -193,3 +193,45 @@ pub fn text_data(dir: &Path, n: usize) {
         .collect();
     std::fs::write(dir.join("d.jsonl"), lines).unwrap();
 }
+
+/// Sampling at temperature `t`, no truncation, one token.
+pub fn sampling(t: f64) -> cf_common::generate::SamplingParams {
+    cf_common::generate::SamplingParams {
+        temperature: t,
+        top_k: None,
+        top_p: None,
+        min_p: None,
+        max_tokens: 1,
+    }
+}
+
+/// One draw per row of `logits` (rows × vocab, row-major; `t` is the same values on the
+/// device under test) with the device sampler and with the host sampler, row r from stream r
+/// of `seed`: asserts the same tokens, log-probs within `tol` and the streams advanced alike.
+/// Returns the tokens.
+pub fn device_draws_match_host(
+    t: &candle_core::Tensor,
+    logits: &[f32],
+    p: &cf_common::generate::SamplingParams,
+    seed: u64,
+    tol: f64,
+) -> Vec<u32> {
+    use cf_common::generate::{choose, draw_on_device, sample_rng};
+    use rand_chacha::rand_core::RngCore;
+    let (rows, vocab) = t.dims2().unwrap();
+    let mut host: Vec<_> = (0..rows as u64).map(|i| sample_rng(seed, i)).collect();
+    let mut dev = host.clone();
+    let got = draw_on_device(t, dev.iter_mut().collect(), p).unwrap();
+    for (r, rng) in host.iter_mut().enumerate() {
+        let (tok, lp) = choose(&logits[r * vocab..(r + 1) * vocab], p, rng);
+        assert_eq!(got[r].0, tok, "vocab {vocab} {p:?} row {r} seed {seed}");
+        assert!(
+            (got[r].1 - lp).abs() < tol,
+            "{p:?} row {r}: log-prob {} vs {lp}",
+            got[r].1
+        );
+    }
+    // One uniform per draw, none when greedy.
+    assert_eq!(host[rows - 1].next_u64(), dev[rows - 1].next_u64());
+    got.into_iter().map(|g| g.0).collect()
+}

@@ -304,7 +304,7 @@ pub fn generate(
         if memo.as_ref().is_none_or(|(ids, _)| ids[..] != prefix[..n]) {
             memo = Some((prefix[..n].to_vec(), dec.prefill(&prefix[..n])?));
         }
-        dec.slot_begin(cache, row, &memo.as_ref().unwrap().1, n)?;
+        cache.begin(row, &memo.as_ref().unwrap().1, n)?;
         Ok(prefix[n])
     };
     let mut slots = Vec::with_capacity(first.len());

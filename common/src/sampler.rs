@@ -30,9 +30,31 @@ fn arange(n: usize, device: &Device) -> Result<Tensor> {
         .unsqueeze(0)?)
 }
 
-/// Inclusive prefix sums along the last axis of (rows, n) (a matmul with a triangular matrix).
-fn cumsum(x: &Tensor) -> Result<Tensor> {
-    Ok(x.cumsum(D::Minus1)?)
+/// Per row of `mask` (rows, n), the first column set (n where none).
+fn first_where(mask: &Tensor) -> Result<Tensor> {
+    let (rows, n) = mask.dims2()?;
+    let dev = mask.device();
+    let idx = arange(n, dev)?.broadcast_as((rows, n))?;
+    let none = Tensor::full(n as f64, (rows, n), dev)?;
+    Ok(mask.where_cond(&idx, &none)?.min_keepdim(1)?)
+}
+
+/// Per row of `mask` (rows, n), the last column set (0 where none).
+fn last_where(mask: &Tensor) -> Result<Tensor> {
+    let (rows, n) = mask.dims2()?;
+    let dev = mask.device();
+    let idx = arange(n, dev)?.broadcast_as((rows, n))?;
+    let none = Tensor::zeros((rows, n), DType::F64, dev)?;
+    Ok(mask.where_cond(&idx, &none)?.max_keepdim(1)?)
+}
+
+/// Per row, how many of the running sums `sums` (rows, n) are at most `limit` (rows, 1): the
+/// index of the first one above it (inclusive prefix sums, so the inverse CDF's pick).
+fn count_at_most(sums: &Tensor, limit: &Tensor) -> Result<Tensor> {
+    Ok(sums
+        .broadcast_le(limit)?
+        .to_dtype(DType::F64)?
+        .sum_keepdim(1)?)
 }
 
 /// The largest threshold τ (per row) with `holds(x ≥ τ)`, where `holds` is monotone: true at
@@ -69,14 +91,9 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
     let lse = (max.clone() + l.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()?)?;
     // Any NaN or infinity makes the row's sum non-finite.
     let check = l.sum_keepdim(1)?;
-    let ids = arange(vocab, dev)?;
     let token = if p.temperature == 0.0 {
         // The first maximum, as the host's argmax.
-        let at_max = l.broadcast_eq(&max)?;
-        let past = Tensor::full(vocab as f64, (rows, vocab), dev)?;
-        at_max
-            .where_cond(&ids.broadcast_as((rows, vocab))?, &past)?
-            .min_keepdim(1)?
+        first_where(&l.broadcast_eq(&max)?)?
     } else {
         let x = (&l / p.temperature)?;
         let xmax = (&max / p.temperature)?;
@@ -124,22 +141,10 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
         let w = w.pad_with_zeros(1, 0, nb * BLOCK - vocab)?;
         let w3 = w.reshape((rows, nb, BLOCK))?;
         let blocks = w3.sum(2)?;
-        let before = cumsum(&blocks)?;
-        let bidx = arange(nb, dev)?;
+        let before = blocks.cumsum(D::Minus1)?;
         // The block: how many blocks end at or below the target, but never past the last
         // block with mass (rounding at the very end).
-        let past = before
-            .broadcast_le(&target)?
-            .to_dtype(DType::F64)?
-            .sum_keepdim(1)?;
-        let last = blocks
-            .gt(0.0)?
-            .where_cond(
-                &bidx.broadcast_as((rows, nb))?,
-                &bidx.zeros_like()?.broadcast_as((rows, nb))?,
-            )?
-            .max_keepdim(1)?;
-        let block = past.minimum(&last)?;
+        let block = count_at_most(&before, &target)?.minimum(&last_where(&blocks.gt(0.0)?)?)?;
         // The mass before the block, from the same running sums that chose it.
         let ends_before = Tensor::cat(
             &[
@@ -155,23 +160,14 @@ pub fn draw(logits: &Tensor, uniforms: &[f64], p: &SamplingParams) -> Result<Vec
             .broadcast_as((rows, 1, BLOCK))?
             .contiguous()?;
         let inner = w3.gather(&sel, 1)?.squeeze(1)?;
-        let within = cumsum(&inner)?;
-        let iidx = arange(BLOCK, dev)?;
-        let at = within
-            .broadcast_le(&(target - prev)?)?
-            .to_dtype(DType::F64)?
-            .sum_keepdim(1)?;
+        let at = count_at_most(&inner.cumsum(D::Minus1)?, &(target - prev)?)?;
         // Rounding may put the target just outside the block's mass: stay between its first
         // and last tokens that can be drawn (the block has mass, so both exist).
         let drawable = inner.gt(0.0)?;
-        let at_idx = iidx.broadcast_as((rows, BLOCK))?;
-        let last_in = drawable
-            .where_cond(&at_idx, &iidx.zeros_like()?.broadcast_as((rows, BLOCK))?)?
-            .max_keepdim(1)?;
-        let first_in = drawable
-            .where_cond(&at_idx, &Tensor::full(BLOCK as f64, (rows, BLOCK), dev)?)?
-            .min_keepdim(1)?;
-        ((block * BLOCK as f64)? + at.minimum(&last_in)?.maximum(&first_in)?)?
+        let at = at
+            .minimum(&last_where(&drawable)?)?
+            .maximum(&first_where(&drawable)?)?;
+        ((block * BLOCK as f64)? + at)?
     };
     // A NaN row matches no maximum (greedy gives `vocab`): keep the index in range so the
     // gather is valid; the check below reports the row.

@@ -157,6 +157,11 @@ impl Jobs {
         }
     }
 
+    /// Sample `index`'s prefix ids.
+    fn prefix(&self, index: u64) -> &[u32] {
+        &self.prefixes[(index / self.n) as usize].0
+    }
+
     fn longest(&self) -> usize {
         let (a, b) = (
             self.range.start / self.n.max(1),
@@ -293,7 +298,7 @@ impl Run<'_> {
             &self.model.decoder,
             jobs.range
                 .clone()
-                .map(|x| (jobs.get(x).prefix_ids, sample_rng(self.seed, x))),
+                .map(|x| (jobs.prefix(x).to_vec(), sample_rng(self.seed, x))),
             self.batch_size,
             longest,
             self.params,

@@ -14,7 +14,7 @@
 //! CUDA (the same candle operations, run on the GPU).
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 /// Queries per block.
 const BLOCK: usize = 256;
@@ -85,10 +85,6 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Resul
     Tensor::cat(&out, 2)?.to_dtype(dt)
 }
 
-fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    super::decoder::wrap_input(Storage::Cpu(s.clone()), l)
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "cf-causal-attention"
@@ -103,14 +99,9 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
-        let o = forward(&q, &k, &v, self.scale)?.contiguous()?;
-        let shape = o.shape().clone();
-        let (st, _) = o.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => Err(candle_core::Error::Msg("attention: not on the CPU".into())),
-        }
+        use super::op_io::{cpu_in, cpu_out};
+        let (q, k, v) = (cpu_in(s1, l1)?, cpu_in(s2, l2)?, cpu_in(s3, l3)?);
+        cpu_out(&forward(&q, &k, &v, self.scale)?)
     }
 
     /// The same composition on the GPU: the inputs are wrapped as tensors (copies), the blocks
@@ -125,18 +116,9 @@ impl CustomOp3 for CausalAttention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let wrap = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
-            super::decoder::wrap_input(Storage::Cuda(s.try_clone(l)?), l)
-        };
-        let o =
-            forward(&wrap(s1, l1)?, &wrap(s2, l2)?, &wrap(s3, l3)?, self.scale)?.contiguous()?;
-        let shape = o.shape().clone();
-        let (st, l) = o.storage_and_layout();
-        match &*st {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, shape)),
-            _ => Err(candle_core::Error::Msg("attention: not on the GPU".into())),
-        }
+        use super::op_io::{cuda_in, cuda_out};
+        let (q, k, v) = (cuda_in(s1, l1)?, cuda_in(s2, l2)?, cuda_in(s3, l3)?);
+        cuda_out(&forward(&q, &k, &v, self.scale)?)
     }
 
     fn bwd(

@@ -41,20 +41,14 @@ pub struct Lora {
 }
 
 impl Lora {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.forward_input(x)?;
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        // The adapter keeps its own (f32) dtype over a half-precision base.
-        let x2 = x
-            .contiguous()?
-            .reshape((rows, *dims.last().unwrap()))?
-            .to_dtype(self.a.dtype())?;
-        let d = x2.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
-        Ok((d * self.scale)?)
+    /// The adapter's output (α/r) · dropout(x) Aᵀ Bᵀ for rows x (rows, in), in the adapter's
+    /// own (f32) dtype.
+    fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        Ok(self.down(x2)?.matmul(&self.b.t()?)?)
     }
 
-    /// u = (α/r) · dropout(x) Aᵀ, (rows, r): the adapter's input to B.
+    /// u = (α/r) · dropout(x) Aᵀ, (rows, r): the adapter's input to B (the adapter keeps its
+    /// own (f32) dtype over a half-precision base).
     fn down(&self, x2: &Tensor) -> Result<Tensor> {
         let x = self.forward_input(x2)?.to_dtype(self.a.dtype())?;
         Ok((x.matmul(&self.a.t()?)? * self.scale)?)
@@ -104,23 +98,6 @@ impl LoraLinear {
     }
 }
 
-/// A tensor over a copy of a custom op's input, which must be contiguous from its start (the
-/// ops here make their inputs so).
-pub(crate) fn wrap_input(
-    s: candle_core::Storage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<Tensor> {
-    if !(l.is_contiguous() && l.start_offset() == 0) {
-        candle_core::bail!("custom op: inputs must be contiguous");
-    }
-    Ok(Tensor::from_storage(
-        s,
-        l.shape().clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
-}
-
 impl candle_core::CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "cf-lora-linear"
@@ -135,20 +112,8 @@ impl candle_core::CustomOp3 for LoraLinear {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::Storage;
-        let y = self
-            .compute(
-                &wrap_input(Storage::Cpu(s1.clone()), l1)?,
-                &wrap_input(Storage::Cpu(s2.clone()), l2)?,
-                &wrap_input(Storage::Cpu(s3.clone()), l3)?,
-            )?
-            .contiguous()?;
-        let shape = y.shape().clone();
-        let (st, _) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("LoRA linear: not on the CPU"),
-        }
+        use super::op_io::{cpu_in, cpu_out};
+        cpu_out(&self.compute(&cpu_in(s1, l1)?, &cpu_in(s2, l2)?, &cpu_in(s3, l3)?)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -161,21 +126,8 @@ impl candle_core::CustomOp3 for LoraLinear {
         s3: &candle_core::CudaStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::Storage;
-        let y = self
-            .compute(
-                &wrap_input(Storage::Cuda(s1.try_clone(l1)?), l1)?,
-                &wrap_input(Storage::Cuda(s2.try_clone(l2)?), l2)?,
-                &wrap_input(Storage::Cuda(s3.try_clone(l3)?), l3)?,
-            )?
-            .contiguous()?;
-        let shape = y.shape().clone();
-        let (st, l) = y.storage_and_layout();
-        match &*st {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, shape)),
-            _ => candle_core::bail!("LoRA linear: not on the GPU"),
-        }
+        use super::op_io::{cuda_in, cuda_out};
+        cuda_out(&self.compute(&cuda_in(s1, l1)?, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?)?)
     }
 
     fn bwd(
@@ -336,15 +288,28 @@ impl Rope {
     }
 }
 
+/// Rotary tables gathered for one position per row ([`Rope::rows`]).
+struct RowTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
 impl Rope {
-    /// x: (b, heads, 1, head_dim), row i at position `positions[i]` (continuous batching: each
+    /// The cos and sin tables of one position per row, (b, 1, head_dim / 2) each, for
+    /// [`Self::apply_rows`]: a decoding step gathers them once for every layer.
+    fn rows(&self, positions: &Tensor) -> Result<RowTables> {
+        Ok(RowTables {
+            cos: self.cos.index_select(positions, 0)?.unsqueeze(1)?,
+            sin: self.sin.index_select(positions, 0)?.unsqueeze(1)?,
+        })
+    }
+
+    /// x: (b, heads, 1, head_dim), row i rotated by row i of `t` (continuous batching: each
     /// row is its own sequence).
-    fn apply_rows(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let b = x.dim(0)?;
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+    fn apply_rows(x: &Tensor, t: &RowTables) -> Result<Tensor> {
+        let (b, cos, sin) = (x.dim(0)?, &t.cos, &t.sin);
         if x.dtype() != DType::F64 {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
         }
         // f64 (the parity tests' dtype): the same rotation composed, cos/sin per row.
         let half = x.dim(D::Minus1)? / 2;
@@ -540,10 +505,11 @@ impl SlotCache {
         Ok((kb.narrow(2, 0, view)?, vb.narrow(2, 0, view)?))
     }
 
-    /// Begin a new sequence in `row` from a prefilled prefix: `kv[layer]` holds its first n
-    /// positions, (1, kv_heads, n, head_dim). They take the n global columns before the next
-    /// step's, whose token is the prefix's last.
-    fn begin(&mut self, row: usize, kv: &[(Tensor, Tensor)], n: usize) -> Result<()> {
+    /// Begin a new sequence in `row` from a prefilled prefix: `kv[layer]` ([`Decoder::prefill`])
+    /// holds its first n positions, (1, kv_heads, n, head_dim). They take the n global columns
+    /// before the next step's, whose token, the prefix's last, is the row's input at the next
+    /// [`Decoder::forward_slots`].
+    pub fn begin(&mut self, row: usize, kv: &[(Tensor, Tensor)], n: usize) -> Result<()> {
         if n as u64 > self.written || n + 1 > self.cap {
             bail!(
                 "internal: a prefix of {} tokens does not fit the slot cache ({} columns, {} written)",
@@ -577,8 +543,8 @@ impl SlotCache {
 enum LayerCache<'a> {
     /// Rows that share their positions.
     Shared(&'a mut KvCache, usize),
-    /// Rows that are separate sequences, with this step's position per row.
-    Slots(&'a mut SlotCache, usize, &'a Tensor),
+    /// Rows that are separate sequences, with this step's rotary tables per row.
+    Slots(&'a mut SlotCache, usize, &'a RowTables),
 }
 
 #[derive(Clone, Debug)]
@@ -625,8 +591,8 @@ impl Attention {
         let v = v.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let per_row = matches!(cache, Some(LayerCache::Slots(..)));
         let (q, k) = match &cache {
-            Some(LayerCache::Slots(_, _, pos)) => {
-                (rope.apply_rows(&q, pos)?, rope.apply_rows(&k, pos)?)
+            Some(LayerCache::Slots(_, _, tables)) => {
+                (Rope::apply_rows(&q, tables)?, Rope::apply_rows(&k, tables)?)
             }
             _ => (rope.apply(&q, offset, mode)?, rope.apply(&k, offset, mode)?),
         };
@@ -935,7 +901,7 @@ impl Decoder {
     }
 
     /// The keys and values of `ids` (all but a prefix's last token) at positions 0.., one
-    /// (1, kv_heads, n, head_dim) pair per layer, for [`Self::slot_begin`].
+    /// (1, kv_heads, n, head_dim) pair per layer, for [`SlotCache::begin`].
     pub fn prefill(&self, ids: &[u32]) -> Result<Vec<(Tensor, Tensor)>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -954,19 +920,6 @@ impl Decoder {
             .collect()
     }
 
-    /// Begin a new sequence in row `row` of `cache` from `kv` = [`Self::prefill`] of its prefix
-    /// without the last token (n tokens); that token is the row's input at the next
-    /// [`Self::forward_slots`].
-    pub fn slot_begin(
-        &self,
-        cache: &mut SlotCache,
-        row: usize,
-        kv: &[(Tensor, Tensor)],
-        n: usize,
-    ) -> Result<()> {
-        cache.begin(row, kv, n)
-    }
-
     /// One decoding step of independent sequences: `ids[r]` continues row r of `cache` at that
     /// row's own position. Hidden states after the final norm, (rows, hidden).
     pub fn forward_slots(&self, ids: &[u32], cache: &mut SlotCache) -> Result<Tensor> {
@@ -982,12 +935,14 @@ impl Decoder {
                 p + 1
             );
         }
-        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let tables = self
+            .rope
+            .rows(&Tensor::new(positions.as_slice(), &self.device)?)?;
         let mask = cache.mask(upcast(self.dtype), &self.device)?;
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let c = LayerCache::Slots(&mut *cache, i, &positions);
+            let c = LayerCache::Slots(&mut *cache, i, &tables);
             x = block.forward(&x, &self.rope, mask.as_ref(), Some(c), self.mode)?;
         }
         cache.written += 1;

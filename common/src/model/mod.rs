@@ -7,6 +7,7 @@ pub mod config;
 pub mod decoder;
 pub mod files;
 pub mod fused;
+mod op_io;
 pub mod save;
 pub mod staged;
 pub mod vocab_loss;
