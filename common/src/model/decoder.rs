@@ -604,23 +604,9 @@ impl Attention {
         let len = k.dim(2)?;
         if blockwise(mode, x.device(), t, offset) && !per_row {
             // Training: attention that keeps no (heads × t × t) probabilities for the backward
-            // pass (super::attention), keys and values repeated per query head.
-            let n_rep = self.heads / kvh;
-            let rep = |x: Tensor| -> Result<Tensor> {
-                if n_rep == 1 {
-                    return Ok(x);
-                }
-                Ok(x.unsqueeze(2)?
-                    .expand((b, kvh, n_rep, len, hd))?
-                    .reshape((b, self.heads, len, hd))?)
-            };
-            let out = super::attention::causal_attention(
-                &q,
-                &rep(k)?,
-                &rep(v)?,
-                1.0 / (hd as f64).sqrt(),
-            )?
-            .transpose(1, 2)?;
+            // pass (super::attention); grouped keys and values are read per group, not copied.
+            let out = super::attention::causal_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?
+                .transpose(1, 2)?;
             return self.o.forward(&out.reshape((b, t, self.heads * hd))?);
         }
         // Grouped-query attention without copying keys: the n_rep query heads that share a

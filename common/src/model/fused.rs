@@ -26,12 +26,12 @@ fn err<T>(m: impl Into<String>) -> R<T> {
 
 /// The contiguous elements of a CPU storage, as f32 or f64 working copies (bf16/f16
 /// converted) or borrowed slices.
-enum Data<'a> {
+pub(crate) enum Data<'a> {
     F32(std::borrow::Cow<'a, [f32]>),
     F64(&'a [f64]),
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> R<Data<'a>> {
+pub(crate) fn data<'a>(s: &'a CpuStorage, l: &Layout) -> R<Data<'a>> {
     let Some((a, b)) = l.contiguous_offsets() else {
         return err("fused op: a non-contiguous input");
     };
@@ -45,7 +45,7 @@ fn data<'a>(s: &'a CpuStorage, l: &Layout) -> R<Data<'a>> {
 }
 
 /// A computed f32 result back in the storage type `dt` (rounded for bf16/f16).
-fn store32(v: Vec<f32>, dt: DType) -> R<CpuStorage> {
+pub(crate) fn store32(v: Vec<f32>, dt: DType) -> R<CpuStorage> {
     Ok(match dt {
         DType::F32 => CpuStorage::F32(v),
         DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
@@ -469,147 +469,5 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Optio
         &cos.contiguous()?,
         &sin.contiguous()?,
         Rope { inverse: false },
-    )?))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Attention blocks (common/src/model/attention.rs): the elementwise work around its matmuls.
-
-/// P = softmax(S·scale + causal mask) for one block of queries: S (…, n, m) holds the scores of
-/// queries q0..q0+n against keys 0..m; query q0+i sees keys 0..=q0+i, the rest get probability
-/// 0. One threaded pass instead of candle's scale, mask add and softmax (and no mask tensor).
-struct CausalSoftmax {
-    q0: usize,
-    scale: f64,
-}
-
-fn causal_softmax_k<T: Float + Send + Sync>(
-    s: &[T],
-    n: usize,
-    m: usize,
-    q0: usize,
-    scale: T,
-) -> Vec<T> {
-    let mut out = vec![T::zero(); s.len()];
-    out.par_chunks_mut(m)
-        .zip(s.par_chunks(m))
-        .enumerate()
-        .for_each(|(r, (o, s))| {
-            let see = (q0 + r % n + 1).min(m);
-            let mut max = T::neg_infinity();
-            for &x in &s[..see] {
-                max = max.max(x * scale);
-            }
-            let mut sum = T::zero();
-            for j in 0..see {
-                let e = (s[j] * scale - max).exp();
-                o[j] = e;
-                sum = sum + e;
-            }
-            let inv = T::one() / sum;
-            for x in &mut o[..see] {
-                *x = *x * inv;
-            }
-        });
-    out
-}
-
-impl candle_core::CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "cf-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> R<(CpuStorage, Shape)> {
-        let shape = l.shape().clone();
-        let d = shape.dims();
-        let (n, m) = (d[d.len() - 2], d[d.len() - 1]);
-        let out = match data(s, l)? {
-            Data::F64(x) => CpuStorage::F64(causal_softmax_k(x, n, m, self.q0, self.scale)),
-            Data::F32(x) => store32(
-                causal_softmax_k(&x, n, m, self.q0, self.scale as f32),
-                s.dtype(),
-            )?,
-        };
-        Ok((out, shape))
-    }
-}
-
-/// softmax(s·scale + causal mask) over the last axis of a block of scores s (…, n, m) whose row
-/// i is query q0 + i; None where this is not a CPU f32/f64 tensor (the caller composes).
-pub fn causal_softmax(s: &Tensor, q0: usize, scale: f64) -> R<Option<Tensor>> {
-    if !s.device().is_cpu() || !matches!(s.dtype(), DType::F32 | DType::F64) || s.rank() < 2 {
-        return Ok(None);
-    }
-    Ok(Some(
-        s.contiguous()?
-            .apply_op1_no_bwd(&CausalSoftmax { q0, scale })?,
-    ))
-}
-
-/// dS = P ⊙ (dP − r)·scale for a block: P and dP (…, n, m), r (…, n, 1) = rowsum(dO ⊙ O).
-/// The softmax backward and the score scale in one threaded pass.
-struct SoftmaxGrad {
-    scale: f64,
-}
-
-fn softmax_grad_k<T: Float + Send + Sync>(
-    p: &[T],
-    dp: &[T],
-    r: &[T],
-    m: usize,
-    scale: T,
-) -> Vec<T> {
-    let mut out = vec![T::zero(); p.len()];
-    out.par_chunks_mut(m)
-        .zip(p.par_chunks(m).zip(dp.par_chunks(m)))
-        .enumerate()
-        .for_each(|(i, (o, (p, dp)))| {
-            let ri = r[i];
-            for j in 0..m {
-                o[j] = p[j] * (dp[j] - ri) * scale;
-            }
-        });
-    out
-}
-
-impl CustomOp3 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "cf-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> R<(CpuStorage, Shape)> {
-        let shape = l1.shape().clone();
-        let m = *shape.dims().last().unwrap_or(&1);
-        let out = match (data(s1, l1)?, data(s2, l2)?, data(s3, l3)?) {
-            (Data::F64(p), Data::F64(dp), Data::F64(r)) => {
-                CpuStorage::F64(softmax_grad_k(p, dp, r, m, self.scale))
-            }
-            (Data::F32(p), Data::F32(dp), Data::F32(r)) => store32(
-                softmax_grad_k(&p, &dp, &r, m, self.scale as f32),
-                s1.dtype(),
-            )?,
-            _ => return err("softmax_grad: mixed dtypes"),
-        };
-        Ok((out, shape))
-    }
-}
-
-/// P ⊙ (dP − r)·scale (see [`SoftmaxGrad`]); None where this is not a CPU f32/f64 tensor.
-pub fn softmax_grad(p: &Tensor, dp: &Tensor, r: &Tensor, scale: f64) -> R<Option<Tensor>> {
-    if !p.device().is_cpu() || !matches!(p.dtype(), DType::F32 | DType::F64) {
-        return Ok(None);
-    }
-    Ok(Some(p.contiguous()?.apply_op3_no_bwd(
-        &dp.contiguous()?,
-        &r.contiguous()?,
-        &SoftmaxGrad { scale },
     )?))
 }

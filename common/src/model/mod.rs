@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod files;
+mod flash;
 pub mod fused;
 mod op_io;
 pub mod save;
