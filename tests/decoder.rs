@@ -179,6 +179,39 @@ fn batched_equals_unbatched() {
 }
 
 #[test]
+fn chunks_after_a_cache_equal_one_token_at_a_time() {
+    // Several positions at once after cached ones (the CPU attention kernel with keys before
+    // its queries) against one position per step (candle's composition, no kernel), f64, two
+    // rows, grouped (llama3) and ungrouped (olmo) heads: logits within 1e-10.
+    let dev = Device::Cpu;
+    for fam in ["llama3", "olmo"] {
+        let m = load(fam, DType::F64, Mode::Infer);
+        let seqs: Vec<Vec<u32>> = (0..2u32)
+            .map(|r| (0..14u32).map(|i| 1 + (i * 37 + r * 11) % 200).collect())
+            .collect();
+        let run = |chunks: &[usize]| -> Vec<Tensor> {
+            let mut cache = KvCache::new(m.cfg.num_layers, 14);
+            let mut at = 0;
+            let mut out = Vec::new();
+            for &c in chunks {
+                let ids: Vec<u32> = seqs.iter().flat_map(|s| s[at..at + c].to_vec()).collect();
+                let ids = Tensor::from_vec(ids, (2, c), &dev).unwrap();
+                let l = m.decoder.forward(&ids, Some(&mut cache)).unwrap();
+                out.extend((0..c).map(|i| l.narrow(1, i, 1).unwrap()));
+                at += c;
+            }
+            out
+        };
+        let chunked = run(&[4, 1, 6, 3]);
+        let steps = run(&[1; 14]);
+        for (pos, (a, b)) in chunked.iter().zip(&steps).enumerate() {
+            let d = tensor_max_diff(a, b) / tensor_max_abs(b).max(1.0);
+            assert!(d < 1e-10, "{fam} position {pos}: logits differ by {d:e}");
+        }
+    }
+}
+
+#[test]
 fn kv_cache_equals_full_forward_and_dropping_rows_keeps_the_rest() {
     let m = load("llama3", DType::F32, Mode::Infer);
     let dev = Device::Cpu;

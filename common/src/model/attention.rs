@@ -311,7 +311,9 @@ impl CustomOp3 for CausalAttention {
 
 fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: CausalAttention) -> Result<Tensor> {
     dims(q.shape(), k.shape())?;
-    if k.dims() != v.dims() || k.dim(2)? != q.dim(2)? {
+    // Keys before the queries (a cache) only where the kernel runs.
+    let kernel = q.device().is_cpu() && !op.composed;
+    if k.dims() != v.dims() || (!kernel && k.dim(2)? != q.dim(2)?) {
         anyhow::bail!(
             "attention: keys {:?} and values {:?} must cover the queries {:?}",
             k.dims(),
@@ -325,6 +327,8 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: CausalAttention) -> Result<Tens
 
 /// softmax(q kᵀ·scale + causal mask) v for q (b, heads, t, head_dim) and k, v (b, kv_heads, t,
 /// head_dim) with kv_heads dividing heads, differentiable, without keeping the probabilities.
+/// On the CPU the keys may start before the queries (keys cached from earlier positions: the
+/// queries are the last t of them).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let composed = false;
     apply(q, k, v, CausalAttention { scale, composed })

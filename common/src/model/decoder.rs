@@ -602,9 +602,9 @@ impl Attention {
             None => (k.contiguous()?, v),
         };
         let len = k.dim(2)?;
-        if blockwise(mode, x.device(), t, offset) && !per_row {
-            // Training: attention that keeps no (heads × t × t) probabilities for the backward
-            // pass (super::attention); grouped keys and values are read per group, not copied.
+        if blockwise(mode, x.device(), x.dtype(), t, offset) && !per_row {
+            // Attention that keeps no (heads × t × t) probabilities for a backward pass
+            // (super::attention); grouped keys and values are read per group, not copied.
             let out = super::attention::causal_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?
                 .transpose(1, 2)?;
             return self.o.forward(&out.reshape((b, t, self.heads * hd))?);
@@ -851,7 +851,7 @@ impl Decoder {
             t,
             self.cfg.hidden_size,
         ))?;
-        let mask = if t > 1 && !blockwise(self.mode, &self.device, t, offset) {
+        let mask = if t > 1 && !blockwise(self.mode, &self.device, self.dtype, t, offset) {
             Some(causal_mask(t, offset, upcast(self.dtype), &self.device)?)
         } else {
             None
@@ -948,11 +948,13 @@ impl Decoder {
     /// The causal mask of a full (uncached) forward over t positions, if t > 1 and attention
     /// is not blockwise (which needs none).
     pub fn full_mask(&self, t: usize) -> Result<Option<Tensor>> {
-        Ok(if t > 1 && !blockwise(self.mode, &self.device, t, 0) {
-            Some(causal_mask(t, 0, upcast(self.dtype), &self.device)?)
-        } else {
-            None
-        })
+        Ok(
+            if t > 1 && !blockwise(self.mode, &self.device, self.dtype, t, 0) {
+                Some(causal_mask(t, 0, upcast(self.dtype), &self.device)?)
+            } else {
+                None
+            },
+        )
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -1025,11 +1027,19 @@ impl Decoder {
 }
 
 /// Additive causal mask (t, offset + t): 0 where query i may see key j, -inf elsewhere.
-/// Whether attention over t new positions after `offset` cached ones runs blockwise
-/// (super::attention): training on the CPU or CUDA over a whole sequence. It is causal without
-/// a mask tensor, so none is built (a (t × t) mask is 268 MB at 8192 tokens).
-fn blockwise(mode: Mode, device: &Device, t: usize, offset: usize) -> bool {
-    mode == Mode::Train && (device.is_cpu() || device.is_cuda()) && t > 1 && offset == 0
+/// Whether attention over t new positions after `offset` cached ones runs as the causal op of
+/// super::attention, without a mask tensor (a (t × t) mask is 268 MB at 8192 tokens): on the
+/// CPU its kernel, for training and for f32/f64 inference (half types keep transformers'
+/// rounding of the probabilities before P·V); on CUDA, training over a whole sequence.
+fn blockwise(mode: Mode, device: &Device, dtype: DType, t: usize, offset: usize) -> bool {
+    if t <= 1 {
+        return false;
+    }
+    if device.is_cpu() {
+        mode == Mode::Train || matches!(dtype, DType::F32 | DType::F64)
+    } else {
+        mode == Mode::Train && device.is_cuda() && offset == 0
+    }
 }
 
 pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
