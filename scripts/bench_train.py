@@ -9,6 +9,8 @@ the recipe: full fine-tuning, f32, AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no
 clipping, one micro-batch per step, 6 steps, at 8 × 256 and 1 × 2048 tokens, and cf-train again
 with --gradient-checkpointing. The same random token ids feed every trainer, each sequence
 starting with BOS; the loss is the mean NLL over every token after the first, as in all three.
+Then the same shapes' training attention alone: cf's CPU kernel (examples/bench_attn.rs) against
+torch's scaled_dot_product_attention, forward and backward (median of 7 runs).
 Threads: CF_THREADS (default all cores) for cf and torch alike.
 """
 import json
@@ -115,12 +117,53 @@ print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
 '''
 
 
+ATTN = r'''
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+b, h, kvh, t, d = map(int, sys.argv[2:7])
+q = torch.randn(b, h, t, d, requires_grad=True)
+k, v = (torch.randn(b, kvh, t, d, requires_grad=True) for _ in range(2))
+g = torch.randn(b, h, t, d)
+fwd, both = [], []
+for run in range(8):
+    t0 = time.perf_counter()
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kvh != h)
+    f = time.perf_counter() - t0
+    (o * g).sum().backward()
+    if run:
+        fwd.append(f * 1e3)
+        both.append((time.perf_counter() - t0) * 1e3)
+    q.grad = k.grad = v.grad = None
+print(json.dumps({"forward_ms": sorted(fwd)[3], "forward_backward_ms": sorted(both)[3]}))
+'''
+
+
+def attention(b, t):
+    """The small model's training attention alone (8 heads on 4 key heads, head size 64):
+    cf's CPU kernel against PyTorch's scaled_dot_product_attention, forward and backward."""
+    shape = [str(x) for x in (b, 8, 4, t, 64)]
+    env = dict(os.environ, CF_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    ours = json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "examples", "bench_attn")] + shape,
+                                     env=env, check=True, capture_output=True, text=True).stdout)
+    ref = json.loads(subprocess.run([sys.executable, "-c", ATTN, str(threads)] + shape,
+                                    env=env, check=True, capture_output=True, text=True).stdout)
+    return ours, ref
+
+
 def py(script, b, t):
     path, _ = data(b, t)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     stdout, peak = measured([sys.executable, "-c", script, model, path, str(threads), str(STEPS), os.path.join(out, "trl")], env)
     return float(stdout.strip().splitlines()[-1]), peak
 
+
+att = ["| attention (8 heads, 4 key heads, 64) | cf forward ms | PyTorch SDPA forward ms | cf forward+backward ms | PyTorch forward+backward ms | forward+backward vs PyTorch (speed) |",
+       "|---|---|---|---|---|---|"]
+for b, t in [(8, 256), (1, 2048)]:
+    ours, ref = attention(b, t)
+    att.append(f"| {b} × {t} | {ours['forward_ms']:.1f} | {ref['forward_ms']:.1f} | {ours['forward_backward_ms']:.1f} | "
+               f"{ref['forward_backward_ms']:.1f} | {ref['forward_backward_ms'] / ours['forward_backward_ms']:.2f} |")
+    print(att[-1], flush=True)
 
 lines = ["| micro-batch | trainer | tokens/s | peak MiB | tokens/s vs PyTorch | memory vs PyTorch |", "|---|---|---|---|---|---|"]
 for b, t in [(8, 256), (1, 2048)]:
@@ -135,5 +178,5 @@ for b, t in [(8, 256), (1, 2048)]:
     for name, (rate, peak) in rows:
         lines.append(f"| {b} × {t} | {name} | {rate:,.0f} | {peak:,} | {rate / ref[0]:.2f} | {peak / ref[1]:.2f} |")
         print(lines[-1], flush=True)
-open(os.path.join(out, "train.md"), "w").write("\n".join(lines) + "\n")
+open(os.path.join(out, "train.md"), "w").write("\n".join(lines) + "\n\n" + "\n".join(att) + "\n")
 print(f"bench-train: {threads} threads; wrote {os.path.join(out, 'train.md')}", file=sys.stderr)

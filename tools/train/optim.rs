@@ -42,12 +42,13 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two tensors, not one shared: the CPU update writes them in place.
+                let z = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(Param {
                     decay: decays(&name),
                     name,
-                    exp_avg: z.clone(),
-                    exp_avg_sq: z,
+                    exp_avg: z()?,
+                    exp_avg_sq: z()?,
                     var,
                 })
             })
@@ -73,6 +74,23 @@ impl AdamW {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?;
+            if p.var.device().is_cpu() && p.var.dtype() == DType::F32 {
+                let s = Scalars {
+                    beta2: self.beta2 as f32,
+                    one_minus_beta1: (1.0 - self.beta1) as f32,
+                    one_minus_beta2: (1.0 - self.beta2) as f32,
+                    decay: if p.decay {
+                        (1.0 - lr * self.weight_decay) as f32
+                    } else {
+                        1.0
+                    },
+                    step_size: (lr / bc1) as f32,
+                    bc2_sqrt: bc2_sqrt as f32,
+                    eps: self.eps as f32,
+                };
+                update_in_place(p, &g.contiguous()?, s)?;
+                continue;
+            }
             let mut w = p.var.as_tensor().to_dtype(DType::F32)?;
             if p.decay && self.weight_decay != 0.0 {
                 w = (w * (1.0 - lr * self.weight_decay))?;
@@ -86,7 +104,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments as named tensors (for checkpoints).
+    /// Moments as named tensors (for checkpoints: written at once, as the next step updates
+    /// them in place).
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut m = HashMap::new();
         for p in &self.params {
@@ -100,8 +119,9 @@ impl AdamW {
         for p in &mut self.params {
             let get = |k: String| -> Result<Tensor> {
                 match state.get(&k) {
+                    // A copy of its own: the CPU update writes it in place.
                     Some(t) if t.dims() == p.var.dims() => {
-                        Ok(t.to_dtype(DType::F32)?.to_device(p.var.device())?)
+                        Ok(t.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?)
                     }
                     Some(_) => bail!("optimizer state {k} has the wrong shape"),
                     None => bail!("optimizer state {k} is missing"),
@@ -183,5 +203,139 @@ mod tests {
         assert!(!decays("model.layers.0.self_attn.q_proj.bias"));
         assert!(decays("model.layers.0.self_attn.q_proj.weight"));
         assert!(decays("model.embed_tokens.weight"));
+    }
+}
+
+/// The step's constants in f32, as torch's kernels cast its Python floats.
+#[derive(Clone, Copy)]
+struct Scalars {
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    /// 1 − lr·weight_decay (1 without decay).
+    decay: f32,
+    /// lr / (1 − β₁ᵗ).
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+/// One AdamW update of an f32 CPU parameter and its moments in place, in three threaded passes
+/// with torch's single-tensor AdamW's operations in its order:
+/// `exp_avg.lerp_(g, 1 − β₁)`, `exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)`,
+/// `param.mul_(1 − lr·wd)`, `param.addcdiv_(exp_avg, exp_avg_sq.sqrt() / √bc₂ + ε, −step)`.
+/// candle's operations would take twelve passes, each allocating its result.
+fn update_in_place(p: &Param, g: &Tensor, s: Scalars) -> Result<()> {
+    p.exp_avg.inplace_op2(g, &Moment { s, second: false })?;
+    p.exp_avg_sq.inplace_op2(g, &Moment { s, second: true })?;
+    p.var
+        .as_tensor()
+        .inplace_op3(&p.exp_avg, &p.exp_avg_sq, &Step(s))?;
+    Ok(())
+}
+
+fn f32s<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: a contiguous f32 tensor is needed"),
+    }
+}
+
+fn f32s_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: a contiguous f32 tensor is needed"),
+    }
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// exp_avg ← lerp(exp_avg, g, 1 − β₁) (torch's lerp: from the nearer end), or
+/// exp_avg_sq ← exp_avg_sq·β₂ + (1 − β₂)·g·g.
+struct Moment {
+    s: Scalars,
+    second: bool,
+}
+
+impl candle_core::InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "cf-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        if m.len() != g.len() {
+            candle_core::bail!("adamw: moment and gradient sizes differ");
+        }
+        let s = self.s;
+        let second = self.second;
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                if second {
+                    for (v, &g) in m.iter_mut().zip(g) {
+                        *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+                    }
+                } else {
+                    let w = s.one_minus_beta1;
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = if w < 0.5 {
+                            *m + w * (g - *m)
+                        } else {
+                            g - (g - *m) * (1.0 - w)
+                        };
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// param ← param·(1 − lr·wd) − step·exp_avg / (√exp_avg_sq / √bc₂ + ε).
+struct Step(Scalars);
+
+impl candle_core::InplaceOp3 for Step {
+    fn name(&self) -> &'static str {
+        "cf-adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (w, m, v) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        if w.len() != m.len() || w.len() != v.len() {
+            candle_core::bail!("adamw: parameter and moment sizes differ");
+        }
+        let s = self.0;
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(w, (m, v))| {
+                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+                    *w = *w * s.decay + -s.step_size * m / denom;
+                }
+            });
+        Ok(())
     }
 }
