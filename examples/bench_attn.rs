@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor, Var};
 use std::time::Instant;
 
 fn main() -> Result<()> {
+    cf_common::exit::threads_from_env();
     cf_common::exit::allocator_reuse();
     let a: Vec<usize> = std::env::args()
         .skip(1)

@@ -65,6 +65,7 @@ fn time(min_secs: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn main() -> Result<()> {
     // The tools' allocator settings (cf_common::exit), so the numbers are theirs.
+    cf_common::exit::threads_from_env();
     cf_common::exit::allocator_reuse();
     let out = std::env::args()
         .nth(1)

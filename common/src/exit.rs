@@ -142,11 +142,18 @@ pub fn on_sigbus_for_mapped_inputs(tool: &str) {
 }
 
 /// `CF_THREADS`: the CPU threads candle's kernels may use (it reads `RAYON_NUM_THREADS`).
-fn threads_from_env() {
-    if let Some(n) = crate::env::var(crate::env::CF_THREADS) {
-        // Set before any thread pool starts, while the process has one thread.
-        std::env::set_var("RAYON_NUM_THREADS", n);
-    }
+/// Without either, candle's default (the physical cores) is fixed here once: candle 0.11 works
+/// it out again at every matrix product when `RAYON_NUM_THREADS` is unset, reading and parsing
+/// /proc/cpuinfo each time (about 2,000 times a second while decoding on this project's CPU).
+/// Called while the process has one thread, before any thread pool starts.
+pub fn threads_from_env() {
+    let given = |name: &str| {
+        crate::env::var(name).filter(|v| v.parse::<usize>().is_ok_and(|n| n > 0))
+    };
+    let n = given(crate::env::CF_THREADS)
+        .or_else(|| given("RAYON_NUM_THREADS"))
+        .unwrap_or_else(|| candle_core::utils::get_num_threads().to_string());
+    std::env::set_var("RAYON_NUM_THREADS", n);
 }
 
 /// glibc's allocator hands every block above a moving threshold (128 KiB at first) back to the
