@@ -141,18 +141,24 @@ pub fn on_sigbus_for_mapped_inputs(tool: &str) {
     }
 }
 
-/// `CF_THREADS`: the CPU threads candle's kernels may use (it reads `RAYON_NUM_THREADS`).
-/// Without either, candle's default (the physical cores) is fixed here once: candle 0.11 works
-/// it out again at every matrix product when `RAYON_NUM_THREADS` is unset, reading and parsing
-/// /proc/cpuinfo each time (about 2,000 times a second while decoding on this project's CPU).
+/// `CF_THREADS`: the CPU threads candle's kernels and ours may use (both read
+/// `RAYON_NUM_THREADS`). Without either, the count is fixed here once: candle's default (the
+/// physical cores) within what this process may run on (its CPU affinity and cgroup quota, as
+/// `available_parallelism` reads them). candle 0.11 otherwise works its default out again at
+/// every matrix product, reading and parsing /proc/cpuinfo each time (842 times in 20 s of
+/// `bench_decoder`), and it ignores the affinity mask and quota.
 /// Called while the process has one thread, before any thread pool starts.
 pub fn threads_from_env() {
-    let given = |name: &str| {
-        crate::env::var(name).filter(|v| v.parse::<usize>().is_ok_and(|n| n > 0))
-    };
+    let given =
+        |name: &str| crate::env::var(name).filter(|v| v.parse::<usize>().is_ok_and(|n| n > 0));
     let n = given(crate::env::CF_THREADS)
         .or_else(|| given("RAYON_NUM_THREADS"))
-        .unwrap_or_else(|| candle_core::utils::get_num_threads().to_string());
+        .unwrap_or_else(|| {
+            let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+            candle_core::utils::get_num_threads()
+                .min(allowed)
+                .to_string()
+        });
     std::env::set_var("RAYON_NUM_THREADS", n);
 }
 

@@ -1,5 +1,6 @@
-//! Causal attention for training that never holds the (heads × T × T) probabilities: the
-//! forward pass runs in blocks of queries, and its backward pass (a candle `CustomOp3`, since
+//! Causal attention that never holds the (heads × T × T) probabilities, for training and (on
+//! the CPU) for inference over several positions at once: the forward pass runs in blocks of
+//! queries, and its backward pass (a candle `CustomOp3`, since
 //! candle has no attention with a backward) recomputes each block's probabilities and applies
 //! the softmax backward there, as FlashAttention does:
 //!
@@ -10,7 +11,8 @@
 //! rest), which halves attention's work at long lengths. Keys and values keep their own number
 //! of heads (grouped-query attention is not expanded into copies the graph would keep).
 //!
-//! On the CPU the op is one kernel (model::flash) working on its inputs in place. On CUDA it is
+//! On the CPU the op is one kernel (model::flash) reading its inputs where they are (no copies
+//! for f32/f64). On CUDA it is
 //! composed of candle's operations, run on the GPU ([`composed`]): blocks of 256 queries, each
 //! holding a block × T of scores, probabilities and their gradients. Scores and softmax are
 //! computed in f32 (f64 for f64 inputs), as the plain path does.
@@ -189,7 +191,7 @@ fn add_per_key_block(sums: &mut Vec<Tensor>, part: &Tensor) -> candle_core::Resu
     Ok(())
 }
 
-/// The backward pass with the CPU kernel, on the tensors' storage in place.
+/// The backward pass with the CPU kernel, reading the tensors' storage without copies.
 fn kernel_bwd(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     o: &Tensor,
@@ -311,6 +313,21 @@ impl CustomOp3 for CausalAttention {
 
 fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: CausalAttention) -> Result<Tensor> {
     dims(q.shape(), k.shape())?;
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        anyhow::bail!(
+            "attention: queries ({:?}), keys ({:?}) and values ({:?}) differ in type",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    // The kernels take max(s·scale) as max(s)·scale.
+    if op.scale.is_nan() || op.scale <= 0.0 {
+        anyhow::bail!("attention: the scale must be positive, not {}", op.scale);
+    }
+    if q.elem_count() == 0 {
+        return Ok(q.clone());
+    }
     // Keys before the queries (a cache) only where the kernel runs.
     let kernel = q.device().is_cpu() && !op.composed;
     if k.dims() != v.dims() || (!kernel && k.dim(2)? != q.dim(2)?) {

@@ -1026,7 +1026,6 @@ impl Decoder {
     }
 }
 
-/// Additive causal mask (t, offset + t): 0 where query i may see key j, -inf elsewhere.
 /// Whether attention over t new positions after `offset` cached ones runs as the causal op of
 /// super::attention, without a mask tensor (a (t × t) mask is 268 MB at 8192 tokens): on the
 /// CPU its kernel, for training and for f32/f64 inference (half types keep transformers'
@@ -1042,6 +1041,7 @@ fn blockwise(mode: Mode, device: &Device, dtype: DType, t: usize, offset: usize)
     }
 }
 
+/// Additive causal mask (t, offset + t): 0 where query i may see key j, -inf elsewhere.
 pub fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {

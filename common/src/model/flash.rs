@@ -10,9 +10,12 @@
 //! batched products, scale, mask and softmax is one pass with its own allocation and thread
 //! hand-off per head and block, and the custom op had to copy q, k and v to see them as
 //! tensors. Measured at 8 heads × 2048 positions × 64 on 2 cores, that composition took 2.3×
-//! PyTorch's scaled_dot_product_attention forward and backward; this kernel works in place on
-//! the op's inputs, one task per (row, head, block of queries), one thread per task's products
-//! (the `gemm` crate that candle's CPU matmul calls, without its threading).
+//! PyTorch's scaled_dot_product_attention forward and backward. This kernel reads the op's
+//! inputs where they are; the forward pass has one task per (row, head, block of queries), the
+//! backward one per (row, head) (each accumulates its keys' gradients over its blocks), and
+//! each task's products run on its own thread (the `gemm` crate that candle's CPU matmul calls,
+//! without its threading). The scale must be positive (the softmax takes max(s·scale) as
+//! max(s)·scale).
 //!
 //! Keys and values may have fewer heads than queries (grouped-query attention): query head h
 //! reads key head h / (heads / kv_heads), and the keys' gradients are summed over each group.
@@ -65,7 +68,10 @@ fn matmul<T: Elem>(
         return;
     }
     // Every element the product touches is inside its slice.
-    assert!((m - 1) * ld + n <= dst.len(), "flash: dst out of range");
+    assert!(
+        ld >= n && (m - 1) * ld + n <= dst.len(),
+        "flash: dst out of range"
+    );
     assert!(k > 0, "flash: empty inner dimension");
     assert!(
         (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
@@ -216,7 +222,7 @@ pub(crate) fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], x: Dims, scale: T) -> 
         let qh = &q[bh * t * d..(bh + 1) * t * d];
         let at = x.kv_at(bh);
         let (kh, vh) = (&k[at..at + x.keys * d], &v[at..at + x.keys * d]);
-        // Each task's scores reuse one buffer per worker (no page faults per block).
+        // Tasks reuse a scores buffer within each of rayon's split jobs.
         oh.par_chunks_mut(BQ * d)
             .enumerate()
             .for_each_init(Vec::new, |p, (blk, ob)| {
