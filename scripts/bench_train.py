@@ -142,6 +142,7 @@ def attention(b, t):
     """The small model's training attention alone (8 heads on 4 key heads, head size 64):
     cf's CPU kernel against PyTorch's scaled_dot_product_attention, forward and backward."""
     shape = [str(x) for x in (b, 8, 4, t, 64)]
+    subprocess.run(["cargo", "build", "--release", "-q", "--example", "bench_attn"], cwd=ROOT, check=True)
     env = dict(os.environ, CF_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     ours = json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "examples", "bench_attn")] + shape,
                                      env=env, check=True, capture_output=True, text=True).stdout)
