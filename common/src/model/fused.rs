@@ -471,3 +471,72 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Optio
         Rope { inverse: false },
     )?))
 }
+
+// ---------------------------------------------------------------------------------------------
+// The next-token loss of a chunk of rows, and its gradient
+
+fn nll_grad_k<T: Float + Send + Sync>(
+    z: &[T],
+    vocab: usize,
+    targets: &[u32],
+    scale: &[f64],
+) -> R<(Vec<f32>, Vec<T>)> {
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return err(format!(
+            "nll: target {t} is outside the vocabulary of {vocab}"
+        ));
+    }
+    let mut dz = vec![T::zero(); z.len()];
+    let mut values = vec![0f32; targets.len()];
+    dz.par_chunks_mut(vocab)
+        .zip(z.par_chunks(vocab))
+        .zip(values.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, ((o, z), value))| {
+            let t = targets[r] as usize;
+            let max = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+            let mut sum = T::zero();
+            for (o, &x) in o.iter_mut().zip(z) {
+                *o = (x - max).exp();
+                sum = sum + *o;
+            }
+            *value = (max + sum.ln() - z[t]).to_f32().unwrap_or(f32::NAN);
+            let s = T::from(scale[r]).unwrap_or_else(T::nan);
+            let inv = T::one() / sum;
+            for o in o.iter_mut() {
+                *o = *o * inv * s;
+            }
+            o[t] = o[t] - s;
+        });
+    Ok((values, dz))
+}
+
+/// For logits z (rows, vocab), each row's target id and scale: −log softmax(z)[target] per row,
+/// and (softmax(z) − onehot(target))·scale, the gradient of Σ scale·NLL, in one threaded pass
+/// per row (candle's log_softmax, exp, one-hot scatter, subtraction and scaling are nine
+/// passes, each allocating). None where z is not a CPU f32/f64 tensor (the caller composes).
+pub fn nll_grad(z: &Tensor, targets: &[u32], scale: &[f64]) -> R<Option<(Vec<f32>, Tensor)>> {
+    if !z.device().is_cpu() || !matches!(z.dtype(), DType::F32 | DType::F64) || z.rank() != 2 {
+        return Ok(None);
+    }
+    let (rows, vocab) = z.dims2()?;
+    if targets.len() != rows || scale.len() != rows {
+        return err("nll: one target and one scale per row are needed");
+    }
+    let z = z.contiguous()?;
+    let (st, l) = z.storage_and_layout();
+    let candle_core::Storage::Cpu(c) = &*st else {
+        return Ok(None);
+    };
+    let dev = candle_core::Device::Cpu;
+    Ok(Some(match data(c, l)? {
+        Data::F64(x) => {
+            let (v, g) = nll_grad_k(x, vocab, targets, scale)?;
+            (v, Tensor::from_vec(g, (rows, vocab), &dev)?)
+        }
+        Data::F32(x) => {
+            let (v, g) = nll_grad_k(&x, vocab, targets, scale)?;
+            (v, Tensor::from_vec(g, (rows, vocab), &dev)?)
+        }
+    }))
+}

@@ -73,39 +73,22 @@ pub fn loss_grad(
             .contiguous()?
             .matmul(&lm.t()?)?
             .to_dtype(cdt)?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let p = lp.exp()?;
-        let (vals, dz) = match target {
-            Target::Tokens(ids) => {
-                let tg = Tensor::new(&ids[start..start + len], &dev)?.unsqueeze(1)?;
-                let v = lp.gather(&tg, 1)?.squeeze(1)?.neg()?;
-                // softmax − onehot: subtract 1 at each row's target.
-                let onehot = Tensor::zeros_like(&p)?.scatter_add(
-                    &tg,
-                    &Tensor::ones((len, 1), cdt, &dev)?,
-                    1,
-                )?;
-                (v, (p - onehot)?)
-            }
-            Target::Model { base, hidden } => {
-                let lp0 = candle_nn::ops::log_softmax(
-                    &base.logits(&hidden.narrow(0, start, len)?)?.to_dtype(cdt)?,
-                    D::Minus1,
-                )?;
-                let p0 = lp0.exp()?;
-                let v = (&p0 * (&lp0 - &lp)?)?.sum(D::Minus1)?;
-                (v, (p - p0)?)
-            }
-        };
-        values.extend(vals.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         let scale: Vec<f64> = w[start..start + len]
             .iter()
             .map(|&x| x as f64 / denom)
             .collect();
-        let scale = Tensor::new(scale.as_slice(), &dev)?
-            .to_dtype(cdt)?
-            .unsqueeze(1)?;
-        let dz = dz.broadcast_mul(&scale)?;
+        // On the CPU the next-token loss and its scaled gradient are one threaded pass.
+        let fused = match target {
+            Target::Tokens(ids) => {
+                super::fused::nll_grad(&logits, &ids[start..start + len], &scale)?
+            }
+            Target::Model { .. } => None,
+        };
+        let (vals, dz) = match fused {
+            Some(v) => v,
+            None => composed(&logits, target, start, len, &scale)?,
+        };
+        values.extend(vals);
         gh.push(dz.matmul(&lm_c)?.to_dtype(h.dtype())?.detach());
         if want_weight_grad {
             let g = dz.t()?.matmul(&hc)?.detach();
@@ -126,6 +109,44 @@ pub fn loss_grad(
         grad_hidden,
         grad_weight: gw,
     })
+}
+
+/// A chunk's values and scaled gradient ∂/∂z with candle's operations (any device; and the
+/// exact KL everywhere): rows start..start+len of the step, logits `logits` in the compute type.
+fn composed(
+    logits: &Tensor,
+    target: &Target,
+    start: usize,
+    len: usize,
+    scale: &[f64],
+) -> Result<(Vec<f32>, Tensor)> {
+    let (dev, cdt) = (logits.device().clone(), logits.dtype());
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let p = lp.exp()?;
+    let (vals, dz) = match target {
+        Target::Tokens(ids) => {
+            let tg = Tensor::new(&ids[start..start + len], &dev)?.unsqueeze(1)?;
+            let v = lp.gather(&tg, 1)?.squeeze(1)?.neg()?;
+            // softmax − onehot: subtract 1 at each row's target.
+            let onehot =
+                Tensor::zeros_like(&p)?.scatter_add(&tg, &Tensor::ones((len, 1), cdt, &dev)?, 1)?;
+            (v, (p - onehot)?)
+        }
+        Target::Model { base, hidden } => {
+            let lp0 = candle_nn::ops::log_softmax(
+                &base.logits(&hidden.narrow(0, start, len)?)?.to_dtype(cdt)?,
+                D::Minus1,
+            )?;
+            let p0 = lp0.exp()?;
+            let v = (&p0 * (&lp0 - &lp)?)?.sum(D::Minus1)?;
+            (v, (p - p0)?)
+        }
+    };
+    let scale = Tensor::new(scale, &dev)?.to_dtype(cdt)?.unsqueeze(1)?;
+    Ok((
+        vals.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        dz.broadcast_mul(&scale)?,
+    ))
 }
 
 /// The surrogate whose gradient is the loss's: Σ h ⊙ ∂/∂h (+ Σ W ⊙ ∂/∂W), for `h` and `W`
