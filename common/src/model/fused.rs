@@ -8,7 +8,10 @@
 //! - [`rope`]: rotary embedding (the non-interleaved halves of transformers' `rotate_half`);
 //!   its backward is the inverse rotation.
 //!
-//! Each works on f32 and f64 natively and on bf16/f16 through f32, over rows in parallel
+//! - [`nll_grad`]: the next-token loss of a chunk of logits and its gradient, for cf-train's
+//!   chunked vocabulary loss (model::vocab_loss); no backward of its own (it is the backward).
+//!
+//! Each works on f32 and f64 natively (the first three on bf16/f16 through f32), over rows in parallel
 //! (rayon's pool, the threads candle's own kernels use). On other devices the callers keep
 //! candle's composition (the same values): these are CPU kernels.
 
@@ -495,12 +498,16 @@ fn nll_grad_k<T: Float + Send + Sync>(
         .for_each(|(r, ((o, z), value))| {
             let t = targets[r] as usize;
             let max = z.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+            // Summed in the row's type, in order, as candle's softmax does (the gradients then
+            // round as the plain path's do).
             let mut sum = T::zero();
             for (o, &x) in o.iter_mut().zip(z) {
                 *o = (x - max).exp();
                 sum = sum + *o;
             }
-            *value = (max + sum.ln() - z[t]).to_f32().unwrap_or(f32::NAN);
+            // ln(sum) − (z_t − max): exact for a confident token, where max + ln(sum) − z_t
+            // would round ln(sum) at max's size.
+            *value = (sum.ln() - (z[t] - max)).to_f32().unwrap_or(f32::NAN);
             let s = T::from(scale[r]).unwrap_or_else(T::nan);
             let inv = T::one() / sum;
             for o in o.iter_mut() {
@@ -512,9 +519,9 @@ fn nll_grad_k<T: Float + Send + Sync>(
 }
 
 /// For logits z (rows, vocab), each row's target id and scale: −log softmax(z)[target] per row,
-/// and (softmax(z) − onehot(target))·scale, the gradient of Σ scale·NLL, in one threaded pass
-/// per row (candle's log_softmax, exp, one-hot scatter, subtraction and scaling are nine
-/// passes, each allocating). None where z is not a CPU f32/f64 tensor (the caller composes).
+/// and (softmax(z) − onehot(target))·scale, the gradient of Σ scale·NLL, in one task per row
+/// over rows in parallel (candle's log_softmax, exp, one-hot scatter, subtraction and scaling
+/// are nine passes over all rows, each allocating). None where z is not a CPU f32/f64 tensor (the caller composes).
 pub fn nll_grad(z: &Tensor, targets: &[u32], scale: &[f64]) -> R<Option<(Vec<f32>, Tensor)>> {
     if !z.device().is_cpu() || !matches!(z.dtype(), DType::F32 | DType::F64) || z.rank() != 2 {
         return Ok(None);
@@ -522,6 +529,9 @@ pub fn nll_grad(z: &Tensor, targets: &[u32], scale: &[f64]) -> R<Option<(Vec<f32
     let (rows, vocab) = z.dims2()?;
     if targets.len() != rows || scale.len() != rows {
         return err("nll: one target and one scale per row are needed");
+    }
+    if rows == 0 || vocab == 0 {
+        return Ok(None);
     }
     let z = z.contiguous()?;
     let (st, l) = z.storage_and_layout();
