@@ -728,6 +728,38 @@ fn blockwise_attention_has_the_plain_gradients() {
     }
 }
 
+/// Reference attention: candle's autograd of softmax(q kᵀ·scale + causal mask) v, keys and
+/// values (b, kv_heads, keys, d) repeated per query head, the queries the last t positions.
+fn masked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    let (b, h, t, d) = q.dims4().unwrap();
+    let (kvh, keys) = (k.dim(1).unwrap(), k.dim(2).unwrap());
+    let rep = |x: &Tensor| {
+        x.unsqueeze(2)
+            .unwrap()
+            .expand((b, kvh, h / kvh, keys, d))
+            .unwrap()
+            .reshape((b, h, keys, d))
+            .unwrap()
+    };
+    let mask = cf_common::model::decoder::causal_mask(t, keys - t, q.dtype(), q.device()).unwrap();
+    let s = (q.matmul(&rep(k).t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();
+    p.matmul(&rep(v)).unwrap()
+}
+
+/// The gradients of Σ y ⊙ upstream.
+fn grads_of(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+    (y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 fn attention_against_plain(dtype: DType, tol: f64) {
     let dev = Device::Cpu;
     let (b, h, kvh, t, d) = (2usize, 4usize, 2usize, 600usize, 8usize);
@@ -741,38 +773,8 @@ fn attention_against_plain(dtype: DType, tol: f64) {
     let (q, k, v) = (mk(h, 1), mk(kvh, 2), mk(kvh, 3));
     let upstream = mk(h, 4).as_tensor().detach();
     let scale = 1.0 / (d as f64).sqrt();
-    let rep = |x: &Tensor| {
-        x.unsqueeze(2)
-            .unwrap()
-            .expand((b, kvh, h / kvh, t, d))
-            .unwrap()
-            .reshape((b, h, t, d))
-            .unwrap()
-    };
-    let mask = cf_common::model::decoder::causal_mask(t, 0, dtype, &dev).unwrap();
-    let s = (q
-        .as_tensor()
-        .matmul(&rep(k.as_tensor()).t().unwrap())
-        .unwrap()
-        * scale)
-        .unwrap()
-        .broadcast_add(&mask)
-        .unwrap();
-    let m = s.max_keepdim(candle_core::D::Minus1).unwrap();
-    let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
-    let p = e
-        .broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
-        .unwrap();
-    let plain = p.matmul(&rep(v.as_tensor())).unwrap();
-    let grads = |y: &Tensor| {
-        (y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-    };
-    let g_plain = grads(&plain);
+    let plain = masked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
+    let g_plain = grads_of(&plain, &upstream);
     use cf_common::model::attention::{causal_attention, causal_attention_composed};
     for (what, f) in [
         (
@@ -786,7 +788,7 @@ fn attention_against_plain(dtype: DType, tol: f64) {
         let dv = tensor_max_diff(&ours, &plain);
         let vtol = if dtype == DType::F64 { 1e-12 } else { tol };
         assert!(dv < vtol, "{dtype:?} {what}: values differ by {dv:e}");
-        let g = grads(&ours);
+        let g = grads_of(&ours, &upstream);
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, want) = (
                 g.get(x.as_tensor()).unwrap(),
@@ -820,25 +822,7 @@ fn attention_after_cached_keys_has_the_plain_values_and_gradients() {
     );
     let upstream = mk((b, h, t, d), 4).as_tensor().detach();
     let scale = 1.0 / (d as f64).sqrt();
-    let rep = |x: &Tensor| {
-        x.unsqueeze(2)
-            .unwrap()
-            .expand((b, kvh, h / kvh, keys, d))
-            .unwrap()
-            .reshape((b, h, keys, d))
-            .unwrap()
-    };
-    let mask = cf_common::model::decoder::causal_mask(t, keys - t, DType::F64, &dev).unwrap();
-    let s = (q
-        .as_tensor()
-        .matmul(&rep(k.as_tensor()).t().unwrap())
-        .unwrap()
-        * scale)
-        .unwrap()
-        .broadcast_add(&mask)
-        .unwrap();
-    let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();
-    let plain = p.matmul(&rep(v.as_tensor())).unwrap();
+    let plain = masked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
     let ours = cf_common::model::attention::causal_attention(
         q.as_tensor(),
         k.as_tensor(),
@@ -848,15 +832,7 @@ fn attention_after_cached_keys_has_the_plain_values_and_gradients() {
     .unwrap();
     let dv = tensor_max_diff(&ours, &plain);
     assert!(dv < 1e-12, "values differ by {dv:e}");
-    let grads = |y: &Tensor| {
-        (y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-    };
-    let (g1, g2) = (grads(&ours), grads(&plain));
+    let (g1, g2) = (grads_of(&ours, &upstream), grads_of(&plain, &upstream));
     for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
         let (a, want) = (
             g1.get(x.as_tensor()).unwrap(),

@@ -102,16 +102,20 @@ fn group_sum(g: Tensor, kv_heads: usize) -> candle_core::Result<Tensor> {
     g.reshape((b, kv_heads, heads / kv_heads, t, d))?.sum(2)
 }
 
-/// The forward pass with candle's operations (any device).
-fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    let dt = q.dtype();
-    let w = wide(dt);
-    let heads = q.dim(1)?;
-    let (q, k, v) = (
+/// q, k and v in the working type (f32, f64 for f64), keys and values repeated per query head.
+fn widened(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (w, heads) = (wide(q.dtype()), q.dim(1)?);
+    Ok((
         q.to_dtype(w)?,
         repeat(&k.to_dtype(w)?, heads)?,
         repeat(&v.to_dtype(w)?, heads)?,
-    );
+    ))
+}
+
+/// The forward pass with candle's operations (any device).
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dt = q.dtype();
+    let (q, k, v) = widened(q, k, v)?;
     let t = q.dim(2)?;
     let mut out = Vec::new();
     let mut q0 = 0;
@@ -134,14 +138,9 @@ fn composed_bwd(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let dt = q.dtype();
     let w = wide(dt);
-    let (heads, kv_heads) = (q.dim(1)?, k.dim(1)?);
-    let (q, k, v, o, go) = (
-        q.to_dtype(w)?,
-        repeat(&k.to_dtype(w)?, heads)?,
-        repeat(&v.to_dtype(w)?, heads)?,
-        o.to_dtype(w)?,
-        go.to_dtype(w)?,
-    );
+    let kv_heads = k.dim(1)?;
+    let (q, k, v) = widened(q, k, v)?;
+    let (o, go) = (o.to_dtype(w)?, go.to_dtype(w)?);
     let t = q.dim(2)?;
     let mut dq = Vec::new();
     // The keys' and values' gradients, per block of keys.
@@ -199,11 +198,10 @@ fn kernel_bwd(
     scale: f64,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let x = dims(q.shape(), k.shape())?;
-    let all = [q, k, v, o, go].map(|t| t.contiguous());
-    let mut held = Vec::new();
-    for t in all {
-        held.push(t?);
-    }
+    let held = [q, k, v, o, go]
+        .into_iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = held.iter().map(|t| t.storage_and_layout()).collect();
     let mut views = Vec::new();
     for (s, l) in &guards {
