@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
-use cf_common::model::Model;
+use cf_common::model::{fused, Model};
 
 /// One sample: the ids it was conditioned on and the ids it consists of.
 pub struct Item {
@@ -55,7 +55,8 @@ impl Scorer<'_> {
         }
         let ids = Tensor::from_vec(ids, (b, t), dev)?;
         let rows = Tensor::new(rows.as_slice(), dev)?;
-        let targets = Tensor::new(targets.as_slice(), dev)?;
+        let targets_host = targets;
+        let targets = Tensor::new(targets_host.as_slice(), dev)?;
         let hidden = |m: &Model| -> Result<Tensor> {
             let h = m.decoder.forward_hidden(&ids, None)?;
             Ok(h.reshape((b * t, m.cfg.hidden_size))?
@@ -64,9 +65,10 @@ impl Scorer<'_> {
         let hm = hidden(self.model)?;
         let hb = self.base.map(hidden).transpose()?;
         let n = owner.len();
-        // Per-record sums stay on the device (f64 accumulators, index_add by owner); only
-        // 3 × batch numbers leave it, once.
-        let owner = Tensor::new(
+        let (mut sm, mut sb, mut sk) = (vec![0f64; b], vec![0f64; b], vec![0f64; b]);
+        // Per-record sums on the device (f64 accumulators, index_add by owner), where the
+        // composition runs; only 3 × batch numbers leave it, once.
+        let own_dev = Tensor::new(
             owner
                 .iter()
                 .map(|&o| o as u32)
@@ -75,31 +77,56 @@ impl Scorer<'_> {
             dev,
         )?;
         let zeros = || Tensor::zeros(b, DType::F64, dev);
-        let (mut sm, mut sb, mut sk) = (zeros()?, zeros()?, zeros()?);
+        let mut on_dev: Option<[Tensor; 3]> = None;
         let mut start = 0;
         while start < n {
             let len = ROWS.min(n - start);
-            let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let own = owner.narrow(0, start, len)?;
-            let lpm = log_softmax(self.model, &hm.narrow(0, start, len)?)?;
-            let tm = lpm.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-            sm = sm.index_add(&own, &tm, 0)?;
-            if let (Some(hb), Some(base)) = (&hb, self.base) {
-                let lpb = log_softmax(base, &hb.narrow(0, start, len)?)?;
-                let kl = (lpb.exp()? * (&lpb - &lpm)?)?
-                    .sum(D::Minus1)?
-                    .to_dtype(DType::F64)?;
-                let tb = lpb.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-                sb = sb.index_add(&own, &tb, 0)?;
-                sk = sk.index_add(&own, &kl, 0)?;
+            let zm = logits(self.model, &hm.narrow(0, start, len)?)?;
+            let zb = match (&hb, self.base) {
+                (Some(hb), Some(base)) => Some(logits(base, &hb.narrow(0, start, len)?)?),
+                _ => None,
+            };
+            let tg = &targets_host[start..start + len];
+            // On the CPU, one threaded pass per row (fused::score_rows).
+            if let Some(rows) = fused::score_rows(&zm, zb.as_ref(), tg)? {
+                for (r, v) in owner[start..start + len].iter().zip(rows) {
+                    sm[*r] += v[0];
+                    sb[*r] += v[1];
+                    sk[*r] += v[2];
+                }
+                start += len;
+                continue;
             }
+            let [dm, db, dk] = match on_dev.take() {
+                Some(s) => s,
+                None => [zeros()?, zeros()?, zeros()?],
+            };
+            let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let own = own_dev.narrow(0, start, len)?;
+            let lpm = candle_nn::ops::log_softmax(&zm, D::Minus1)?;
+            let tm = lpm.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+            let dm = dm.index_add(&own, &tm, 0)?;
+            let (db, dk) = match zb {
+                Some(zb) => {
+                    let lpb = candle_nn::ops::log_softmax(&zb, D::Minus1)?;
+                    let kl = (lpb.exp()? * (&lpb - &lpm)?)?
+                        .sum(D::Minus1)?
+                        .to_dtype(DType::F64)?;
+                    let tb = lpb.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+                    (db.index_add(&own, &tb, 0)?, dk.index_add(&own, &kl, 0)?)
+                }
+                None => (db, dk),
+            };
+            on_dev = Some([dm, db, dk]);
             start += len;
         }
-        let (sm, sb, sk) = (
-            sm.to_vec1::<f64>()?,
-            sb.to_vec1::<f64>()?,
-            sk.to_vec1::<f64>()?,
-        );
+        if let Some([dm, db, dk]) = on_dev {
+            for (acc, d) in [(&mut sm, dm), (&mut sb, db), (&mut sk, dk)] {
+                for (a, x) in acc.iter_mut().zip(d.to_vec1::<f64>()?) {
+                    *a += x;
+                }
+            }
+        }
         let out = (0..b)
             .map(|r| Scores {
                 logprob_model: sm[r],
@@ -111,7 +138,11 @@ impl Scorer<'_> {
     }
 }
 
-fn log_softmax(m: &Model, h: &Tensor) -> Result<Tensor> {
-    let logits = m.decoder.logits(h)?.to_dtype(DType::F32)?;
-    Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+/// A chunk's logits, in f32 for the half types (f32 and f64 as they are).
+fn logits(m: &Model, h: &Tensor) -> Result<Tensor> {
+    let z = m.decoder.logits(h)?;
+    Ok(match z.dtype() {
+        DType::F64 => z,
+        _ => z.to_dtype(DType::F32)?,
+    })
 }

@@ -174,7 +174,7 @@ fn softmax32(row: &mut [f32], scale: f32) {
 /// 2ⁿ built in the exponent bits), within 2 ulp; below −87.3 it gives 2⁻¹²⁶·e^r (≈ 1e-38)
 /// instead of underflowing, which a softmax's sum of at least 1 does not see.
 #[inline(always)]
-fn exp32(x: f32) -> f32 {
+pub(crate) fn exp32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = x.clamp(-87.33654, 88.37626);
     let t = x * std::f32::consts::LOG2_E + MAGIC;

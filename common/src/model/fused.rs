@@ -550,3 +550,279 @@ pub fn nll_grad(z: &Tensor, targets: &[u32], scale: &[f64]) -> R<Option<(Vec<f32
         }
     }))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scoring: per-row log-probabilities of a target and the exact KL between two distributions
+
+/// One row's log softmax(zm)[t], log softmax(zb)[t] and KL(softmax(zb) ‖ softmax(zm)), f32
+/// logits: the exponentials by [`super::flash::exp32`], every sum in f64 lanes.
+///
+/// With each row shifted by its maximum (z' = z − max z, exact), log softmax(z) = z' − ln Σ e^z'
+/// and KL = Σ pb·(zb' − zm') − (ln Σ e^zb' − ln Σ e^zm'): no term is of the logits' size, so a
+/// small KL between rows of large logits survives, and two equal rows give exactly 0. An entry
+/// where zb = −∞ adds nothing (pb = 0 there); zm = −∞ where pb > 0 gives +∞.
+#[inline(always)]
+fn score_row32(zm: &[f32], zb: Option<&[f32]>, t: usize) -> [f64; 3] {
+    let max = |z: &[f32]| {
+        z.iter()
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+    };
+    // ln Σ e^(z − m), summed as the loop with the base row below sums, so that equal rows
+    // give equal sums.
+    let ln_sum = |z: &[f32], m: f32| {
+        let mut lanes = [0f64; 8];
+        let mut c = z.chunks_exact(8);
+        for c in &mut c {
+            for (&x, l) in c.iter().zip(&mut lanes) {
+                *l += super::flash::exp32(x - m) as f64;
+            }
+        }
+        let mut s: f64 = lanes.iter().sum();
+        for &x in c.remainder() {
+            s += super::flash::exp32(x - m) as f64;
+        }
+        s.ln()
+    };
+    let mm = max(zm);
+    let lm = ln_sum(zm, mm);
+    let own = (zm[t] - mm) as f64 - lm;
+    let Some(zb) = zb else {
+        return [own, 0.0, 0.0];
+    };
+    let mb = max(zb);
+    let (mut sum, mut dot) = ([0f64; 8], [0f64; 8]);
+    let term = |b: f32, m: f32| {
+        let e = super::flash::exp32(b - mb);
+        let d = if b == f32::NEG_INFINITY {
+            0.0
+        } else {
+            e * ((b - mb) - (m - mm))
+        };
+        (e as f64, d as f64)
+    };
+    let (mut cb, mut cm) = (zb.chunks_exact(8), zm.chunks_exact(8));
+    for (b8, m8) in (&mut cb).zip(&mut cm) {
+        for i in 0..8 {
+            let (e, d) = term(b8[i], m8[i]);
+            sum[i] += e;
+            dot[i] += d;
+        }
+    }
+    let (mut s, mut d): (f64, f64) = (sum.iter().sum(), dot.iter().sum());
+    for (&b, &m) in cb.remainder().iter().zip(cm.remainder()) {
+        let (e, x) = term(b, m);
+        s += e;
+        d += x;
+    }
+    let lb = s.ln();
+    [own, (zb[t] - mb) as f64 - lb, d / s - (lb - lm)]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn score_row32_avx2(zm: &[f32], zb: Option<&[f32]>, t: usize) -> [f64; 3] {
+    score_row32(zm, zb, t)
+}
+
+/// [`score_row32`] in f64 (libm's exp).
+fn score_row64(zm: &[f64], zb: Option<&[f64]>, t: usize) -> [f64; 3] {
+    let max = |z: &[f64]| z.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+    let ln_sum = |z: &[f64], m: f64| z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+    let mm = max(zm);
+    let lm = ln_sum(zm, mm);
+    let own = (zm[t] - mm) - lm;
+    let Some(zb) = zb else {
+        return [own, 0.0, 0.0];
+    };
+    let mb = max(zb);
+    let (mut s, mut d) = (0.0, 0.0);
+    for (&b, &m) in zb.iter().zip(zm) {
+        let e = (b - mb).exp();
+        s += e;
+        if b != f64::NEG_INFINITY {
+            d += e * ((b - mb) - (m - mm));
+        }
+    }
+    let lb = s.ln();
+    [own, (zb[t] - mb) - lb, d / s - (lb - lm)]
+}
+
+/// For model logits `zm` (rows, vocab), optionally the base model's `zb` (same shape), and
+/// each row's target id: per row [log pθ(target), log p0(target), KL(p0 ‖ pθ)] in f64 (the
+/// last two 0 without `zb`), rows in parallel, one pass per row and model (candle's
+/// log_softmax, exp, subtraction, product, sum and gathers are a dozen single-threaded,
+/// allocating passes over all rows). None where the logits are not CPU f32/f64 (the caller
+/// composes).
+pub fn score_rows(zm: &Tensor, zb: Option<&Tensor>, targets: &[u32]) -> R<Option<Vec<[f64; 3]>>> {
+    let cpu = |z: &Tensor| z.device().is_cpu() && matches!(z.dtype(), DType::F32 | DType::F64);
+    if !cpu(zm) || zm.rank() != 2 || zb.is_some_and(|zb| !cpu(zb) || zb.dtype() != zm.dtype()) {
+        return Ok(None);
+    }
+    let (rows, vocab) = zm.dims2()?;
+    if zb.is_some_and(|zb| zb.dims() != zm.dims()) {
+        return err("score: the two models' logits differ in shape");
+    }
+    if targets.len() != rows {
+        return err("score: one target per row is needed");
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return err(format!(
+            "score: target {t} is outside the vocabulary of {vocab}"
+        ));
+    }
+    let (zm, zb) = (zm.contiguous()?, zb.map(|z| z.contiguous()).transpose()?);
+    let (sm, lm) = zm.storage_and_layout();
+    let b = zb.as_ref().map(|z| z.storage_and_layout());
+    let candle_core::Storage::Cpu(cm) = &*sm else {
+        return Ok(None);
+    };
+    let cb = match &b {
+        Some((s, l)) => match &**s {
+            candle_core::Storage::Cpu(c) => Some((c, *l)),
+            _ => return Ok(None),
+        },
+        None => None,
+    };
+    let mut out = vec![[0f64; 3]; rows];
+    match (data(cm, lm)?, cb.map(|(c, l)| data(c, l)).transpose()?) {
+        (Data::F32(m), b) => {
+            let b = match b {
+                Some(Data::F32(b)) => Some(b),
+                None => None,
+                Some(Data::F64(_)) => return err("score: logits of two types"),
+            };
+            let avx2 = avx2();
+            out.par_iter_mut().enumerate().for_each(|(r, o)| {
+                let zm = &m[r * vocab..(r + 1) * vocab];
+                let zb = b.as_ref().map(|b| &b[r * vocab..(r + 1) * vocab]);
+                let t = targets[r] as usize;
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    *o = unsafe { score_row32_avx2(zm, zb, t) };
+                    return;
+                }
+                let _ = avx2;
+                *o = score_row32(zm, zb, t);
+            });
+        }
+        (Data::F64(m), b) => {
+            let b = match b {
+                Some(Data::F64(b)) => Some(b),
+                None => None,
+                Some(Data::F32(_)) => return err("score: logits of two types"),
+            };
+            out.par_iter_mut().enumerate().for_each(|(r, o)| {
+                let zm = &m[r * vocab..(r + 1) * vocab];
+                let zb = b.map(|b| &b[r * vocab..(r + 1) * vocab]);
+                *o = score_row64(zm, zb, targets[r] as usize);
+            });
+        }
+    }
+    Ok(Some(out))
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// log softmax by candle's composition in f64, the kernel's reference.
+    fn reference(zm: &[Vec<f64>], zb: &[Vec<f64>], t: &[u32]) -> Vec<[f64; 3]> {
+        let lsm = |z: &[Vec<f64>]| {
+            let v = z[0].len();
+            let z = Tensor::from_vec(z.concat(), (z.len(), v), &Device::Cpu).unwrap();
+            candle_nn::ops::log_softmax(&z, D::Minus1)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap()
+        };
+        let (lm, lb) = (lsm(zm), lsm(zb));
+        (0..t.len())
+            .map(|r| {
+                let kl = lb[r]
+                    .iter()
+                    .zip(&lm[r])
+                    .filter(|(b, _)| b.is_finite())
+                    .map(|(b, m)| b.exp() * (b - m))
+                    .sum();
+                [lm[r][t[r] as usize], lb[r][t[r] as usize], kl]
+            })
+            .collect()
+    }
+
+    /// Rows that test the kernel's edges: ordinary, offset by 1e4, a confident row, −∞
+    /// entries in the base row, and two equal rows (KL exactly 0).
+    fn rows(v: usize) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<u32>) {
+        let wave = |a: f64, b: f64| -> Vec<f64> {
+            (0..v)
+                .map(|i| ((i as f64 * a).sin() * b).round() / 64.0)
+                .collect()
+        };
+        let mut zm = vec![
+            wave(0.37, 300.0),
+            wave(0.11, 200.0),
+            wave(0.5, 100.0),
+            wave(0.9, 250.0),
+        ];
+        let mut zb = vec![
+            wave(0.41, 280.0),
+            wave(0.13, 220.0),
+            wave(0.5, 90.0),
+            wave(0.9, 250.0),
+        ];
+        zm[1].iter_mut().for_each(|x| *x += 1e4);
+        zb[1].iter_mut().for_each(|x| *x -= 1e4);
+        zm[2][5] = 40.0;
+        zb[2][5] = 41.0;
+        zb[0][3] = f64::NEG_INFINITY;
+        zb[0][v - 2] = f64::NEG_INFINITY;
+        (zm, zb, vec![7, 0, 5, (v - 1) as u32])
+    }
+
+    #[test]
+    fn scores_match_the_composition() {
+        let dev = Device::Cpu;
+        for v in [8, 37, 1000] {
+            let (zm, zb, t) = rows(v);
+            let want = reference(&zm, &zb, &t);
+            let n = zm.len();
+            for dt in [DType::F64, DType::F32] {
+                let tensor = |z: &[Vec<f64>]| {
+                    Tensor::from_vec(z.concat(), (n, v), &dev)
+                        .unwrap()
+                        .to_dtype(dt)
+                        .unwrap()
+                };
+                let (tm, tb) = (tensor(&zm), tensor(&zb));
+                let got = score_rows(&tm, Some(&tb), &t).unwrap().unwrap();
+                let alone = score_rows(&tm, None, &t).unwrap().unwrap();
+                // Inputs are multiples of 1/64, exact in f32: the f32 kernel differs only by
+                // its exponential (2 ulp) and its f32 products.
+                let tol = if dt == DType::F64 { 1e-12 } else { 2e-6 };
+                for r in 0..n {
+                    for k in 0..3 {
+                        let (g, w) = (got[r][k], want[r][k]);
+                        assert!(
+                            (g - w).abs() <= tol * w.abs().max(1.0),
+                            "{dt:?} v{v} row {r} [{k}]: {g} vs {w}"
+                        );
+                    }
+                    assert_eq!(alone[r], [got[r][0], 0.0, 0.0]);
+                }
+                assert_eq!(got[3][2], 0.0, "equal rows: KL exactly 0");
+                assert!(got[0][2] > 0.01, "different rows: KL > 0");
+                assert!(score_rows(&tm, Some(&tb), &[0, 0, 0, v as u32]).is_err());
+            }
+        }
+    }
+}
