@@ -577,11 +577,11 @@ fn configs_written_by_transformers_5_score_as_transformers_does() {
 
 /// Gradients of Σ w·loss / denom for every parameter, three ways: candle's autograd through
 /// one graph of the plain composition (log-softmax, gather; the exact KL as Σ p₀(log p₀ − log
-/// p)), the chunked vocabulary loss with its own backward, and the same layer by layer with
-/// recomputation (gradient checkpointing).
+/// p)), the chunked vocabulary loss with its own backward (one chunk), and the same in chunks of
+/// 16 rows, layer by layer with recomputation (gradient checkpointing).
 fn three_gradients(fam: &str, dtype: DType, kl: bool) -> [HashMap<String, Tensor>; 3] {
     use cf_common::model::staged;
-    use cf_common::model::vocab_loss::{loss_grad, surrogate, Target};
+    use cf_common::model::vocab_loss::{loss_grad, loss_grad_chunked, surrogate, Target};
     let (cfg, params) = vars(fam, dtype);
     let d = Decoder::new(&cfg, &as_tensors(&params), dtype, &Device::Cpu, Mode::Train).unwrap();
     // Another model of the same shapes, so the KL is not zero.
@@ -672,7 +672,11 @@ fn three_gradients(fam: &str, dtype: DType, kl: bool) -> [HashMap<String, Tensor
                 },
                 _ => Target::Tokens(&targets),
             };
-            let lg = loss_grad(&d, &hr, &target, &w, denom, true)?;
+            // The checkpointed run scores 16 rows at a time (5 chunks), the other one chunk.
+            let lg = match ckpt {
+                true => loss_grad_chunked(&d, &hr, &target, &w, denom, true, 16)?,
+                false => loss_grad(&d, &hr, &target, &w, denom, true)?,
+            };
             surrogate(&hr, &lg, Some(d.lm_head()))
         };
         staged::backward(&d, &ids_t, head, &named, ckpt, None, &mut acc).unwrap();

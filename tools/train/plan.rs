@@ -20,7 +20,7 @@
 
 use crate::Args;
 use anyhow::Result;
-use cf_common::model::vocab_loss::CHUNK;
+use cf_common::model::vocab_loss::chunk_rows;
 use cf_common::model::Config;
 use serde_json::{json, Value};
 
@@ -201,7 +201,8 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
         )
     };
     part("activations", acts, anote);
-    let chunk = (CHUNK as f64).min(n);
+    let rows = chunk_rows(cfg.vocab_size);
+    let chunk = (rows as f64).min(n);
     let head_trainable = args.lora_rank.is_none();
     // A trainable output weight: besides its accumulated gradient (counted above), the loss's
     // f32 gradient of it, the backward pass's copy, and (embedding) the scattered gradient of
@@ -216,7 +217,7 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     part(
         "loss",
         loss,
-        format!("{CHUNK} rows of {v:.0} logits at a time, and the output weight's gradients"),
+        format!("{rows} rows of {v:.0} logits at a time, and the output weight's gradients"),
     );
     Ok(parts)
 }
