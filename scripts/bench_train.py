@@ -11,7 +11,9 @@ with --gradient-checkpointing. The same random token ids feed every trainer, eac
 starting with BOS; the loss is the mean NLL over every token after the first, as in all three.
 Then the same shapes' training attention alone: cf's CPU kernel (examples/bench_attn.rs) against
 torch's scaled_dot_product_attention, forward and backward (median of 7 runs).
-Threads: CF_THREADS (default all cores) for cf and torch alike.
+PyTorch and cf-train alternate BENCH_ROUNDS times (default 2) per shape, and each trainer's
+tokens/s is the median over all its runs' steps, so that the machine's drift between runs falls
+on both. Threads: CF_THREADS (default all cores) for cf and torch alike.
 """
 import json
 import os
@@ -26,6 +28,7 @@ out = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "
 os.makedirs(out, exist_ok=True)
 threads = int(os.environ.get("CF_THREADS", os.cpu_count()))
 STEPS = 6
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 model = os.path.join(out, "small")
 if not os.path.isdir(model):
     subprocess.run(["cargo", "run", "--release", "-q", "--example", "random_model", "--", "small", "f32", model], cwd=ROOT, check=True)
@@ -73,7 +76,7 @@ def cf(b, t, extra):
                         "--max-steps", str(STEPS), "--batch-size", str(b), "--max-length", str(t), "--lr", "1e-4",
                         "--max-grad-norm", "0", "--schedule", "constant", "--metrics", m, "-q"] + extra, env)
     rows = [json.loads(l) for l in open(m)][1:]
-    return statistics.median(r["tokens_per_second"] for r in rows), peak
+    return [r["tokens_per_second"] for r in rows], peak
 
 
 TORCH = r'''
@@ -92,7 +95,7 @@ for step in range(int(sys.argv[4])):
     opt.step()
     opt.zero_grad(set_to_none=True)
     rates.append(ids.numel() / (time.perf_counter() - t0))
-print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+print(json.dumps(rates[1:]))
 '''
 
 TRL = r'''
@@ -113,7 +116,7 @@ cfg = trl.SFTConfig(output_dir=sys.argv[5], max_steps=int(sys.argv[4]), per_devi
     gradient_checkpointing=False, report_to=[], logging_steps=1000, save_strategy="no", max_length=4096,
     use_cpu=True, dataloader_num_workers=0, seed=0)
 trl.SFTTrainer(model=m, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]).train()
-print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+print(json.dumps(rates[1:]))
 '''
 
 
@@ -155,7 +158,7 @@ def py(script, b, t):
     path, _ = data(b, t)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     stdout, peak = measured([sys.executable, "-c", script, model, path, str(threads), str(STEPS), os.path.join(out, "trl")], env)
-    return float(stdout.strip().splitlines()[-1]), peak
+    return json.loads(stdout.strip().splitlines()[-1]), peak
 
 
 att = ["| attention (8 heads, 4 key heads, 64) | cf forward ms | PyTorch SDPA forward ms | cf forward+backward ms | PyTorch forward+backward ms | forward+backward vs PyTorch (speed) |",
@@ -168,15 +171,29 @@ for b, t in [(8, 256), (1, 2048)]:
 
 lines = ["| micro-batch | trainer | tokens/s | peak MiB | tokens/s vs PyTorch | memory vs PyTorch |", "|---|---|---|---|---|---|"]
 for b, t in [(8, 256), (1, 2048)]:
-    ref = py(TORCH, b, t)
-    rows = [("PyTorch loop", ref)]
-    try:
-        rows.append(("TRL SFTTrainer", py(TRL, b, t)))
-    except SystemExit as e:
-        print(f"bench-train: TRL: {e}", file=sys.stderr)
-    rows.append(("cf-train", cf(b, t, [])))
-    rows.append(("cf-train --gradient-checkpointing", cf(b, t, ["--gradient-checkpointing"])))
-    for name, (rate, peak) in rows:
+    # PyTorch and cf alternate, ROUNDS runs each, so that the machine's drift (other tenants)
+    # falls on both; tokens/s is the median over every run's steps after its first, the peak
+    # the largest of the runs'. TRL runs once.
+    runs = {}
+    def add(name, r):
+        rates, peak = runs.get(name, ([], 0))
+        runs[name] = (rates + r[0], max(peak, r[1]))
+    for rnd in range(ROUNDS):
+        add("PyTorch loop", py(TORCH, b, t))
+        if rnd == 0:
+            try:
+                add("TRL SFTTrainer", py(TRL, b, t))
+            except SystemExit as e:
+                print(f"bench-train: TRL: {e}", file=sys.stderr)
+        add("cf-train", cf(b, t, []))
+        add("cf-train --gradient-checkpointing", cf(b, t, ["--gradient-checkpointing"]))
+        print(f"bench-train: {b} × {t} round {rnd + 1}: " + ", ".join(
+            f"{k} {statistics.median(v[0][-(STEPS - 1):]):,.0f}" for k, v in runs.items()), file=sys.stderr, flush=True)
+    ref = (statistics.median(runs["PyTorch loop"][0]), runs["PyTorch loop"][1])
+    for name in ["PyTorch loop", "TRL SFTTrainer", "cf-train", "cf-train --gradient-checkpointing"]:
+        if name not in runs:
+            continue
+        rate, peak = statistics.median(runs[name][0]), runs[name][1]
         lines.append(f"| {b} × {t} | {name} | {rate:,.0f} | {peak:,} | {rate / ref[0]:.2f} | {peak / ref[1]:.2f} |")
         print(lines[-1], flush=True)
 open(os.path.join(out, "train.md"), "w").write("\n".join(lines) + "\n\n" + "\n".join(att) + "\n")
