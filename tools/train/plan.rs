@@ -179,7 +179,11 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
     // Going back through the MLP, the gradients of silu(gate)·up and of gate and up (3 n·i)
     // live beside the layer's saved tensors: at long sequences on wide MLPs the largest
     // transient (measured: the Llama-3-8B shape at 8192 tokens was 17% over without it).
-    let backward = backward + 3.0 * n * i * dt;
+    // candle's backward pass sums each gradient into a fresh zero tensor (backprop.rs's
+    // or_insert, then add), so while one of them is summed, a zero tensor and the sum of its
+    // size exist beside it: 2 n·i more (heaptrack, the small model at 8192 positions: its heap
+    // peak was 95 MB, about 2 n·i, over the prediction without this term).
+    let backward = backward + 3.0 * n * i * dt + 2.0 * n * i * dt;
     let one_layer = factor * linear * dt + lora_act;
     let (acts, anote) = if ckpt {
         (
@@ -213,11 +217,22 @@ pub fn plan(args: &Args, cfg: &Config) -> Result<Vec<Part>> {
         (true, true) => 4.5,
         (true, false) => 3.5,
     };
-    let loss = 6.0 * chunk * v * 4.0 + 2.0 * n * h * 4.0 + head_copies * v * h * 4.0;
+    // A chunk's vocabulary-sized f32 buffers: on the CPU, the next-token kernel's logits and
+    // gradient (fused::nll_grad); elsewhere, and for the exact KL, candle's composition: logits,
+    // log-probabilities, probabilities, the one-hot (or the frozen model's), their difference
+    // and its scaled copy.
+    let buffers = if !cuda && args.exact_kl.is_empty() {
+        2.0
+    } else {
+        6.0
+    };
+    let loss = buffers * chunk * v * 4.0 + 2.0 * n * h * 4.0 + head_copies * v * h * 4.0;
     part(
         "loss",
         loss,
-        format!("{rows} rows of {v:.0} logits at a time, and the output weight's gradients"),
+        format!(
+            "{rows} rows of {v:.0} logits at a time ({buffers:.0} buffers), and the output weight's gradients"
+        ),
     );
     Ok(parts)
 }
