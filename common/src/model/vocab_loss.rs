@@ -22,8 +22,8 @@ pub const CHUNK: usize = 128;
 
 /// Logit entries a chunk may hold when CHUNK rows are fewer (a small vocabulary): 16 MB in
 /// f32. Larger chunks make fewer, larger products and fewer sums of the output weight's
-/// gradient: at 8192 entries (512 rows) one 2048-token step's loss took 0.45 s instead of
-/// 0.58 s with 128 rows on this project's 2-core CPU.
+/// gradient: at an 8192 vocabulary (512 rows) a 2048-token step's loss took 0.43–0.50 s
+/// instead of 0.50–0.59 s with 128 rows on this project's 2-core CPU.
 const CHUNK_ENTRIES: usize = 1 << 22;
 
 /// Rows per chunk for a vocabulary of `vocab` entries: CHUNK, or more while a chunk's logits
