@@ -188,7 +188,8 @@ for b, t in [(8, 256), (1, 2048)]:
         add("cf-train", cf(b, t, []))
         add("cf-train --gradient-checkpointing", cf(b, t, ["--gradient-checkpointing"]))
         print(f"bench-train: {b} × {t} round {rnd + 1}: " + ", ".join(
-            f"{k} {statistics.median(v[0][-(STEPS - 1):]):,.0f}" for k, v in runs.items()), file=sys.stderr, flush=True)
+            f"{k} {statistics.median(v[0][-(STEPS - 1):]):,.0f}" for k, v in runs.items()
+            if rnd == 0 or not k.startswith("TRL")), file=sys.stderr, flush=True)
     ref = (statistics.median(runs["PyTorch loop"][0]), runs["PyTorch loop"][1])
     for name in ["PyTorch loop", "TRL SFTTrainer", "cf-train", "cf-train --gradient-checkpointing"]:
         if name not in runs:

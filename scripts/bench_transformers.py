@@ -68,6 +68,8 @@ def sample_vs_generate(label, mdir, hf_model, b, steps):
     # generate's model is already in memory; cf-sample loads its own, so its files are read once
     # beforehand: the timing then includes the load from the page cache, not from disk.
     for f in os.listdir(mdir):
+        if not os.path.isfile(os.path.join(mdir, f)):
+            continue
         with open(os.path.join(mdir, f), "rb") as fh:
             while fh.read(1 << 24):
                 pass

@@ -593,12 +593,14 @@ fn score_row32(zm: &[f32], zb: Option<&[f32]>, t: usize) -> [f64; 3] {
     let (mut sum, mut dot) = ([0f64; 8], [0f64; 8]);
     let term = |b: f32, m: f32| {
         let e = super::flash::exp32(b - mb);
+        // The shifted difference in f64: in f32 it would round at the logits' size (~1e-6),
+        // a floor under small KLs.
         let d = if b == f32::NEG_INFINITY {
             0.0
         } else {
-            e * ((b - mb) - (m - mm))
+            e as f64 * ((b as f64 - mb as f64) - (m as f64 - mm as f64))
         };
-        (e as f64, d as f64)
+        (e as f64, d)
     };
     let (mut cb, mut cm) = (zb.chunks_exact(8), zm.chunks_exact(8));
     for (b8, m8) in (&mut cb).zip(&mut cm) {
@@ -639,7 +641,8 @@ fn score_row64(zm: &[f64], zb: Option<&[f64]>, t: usize) -> [f64; 3] {
     for (&b, &m) in zb.iter().zip(zm) {
         let e = (b - mb).exp();
         s += e;
-        if b != f64::NEG_INFINITY {
+        // pb = 0 (b = −∞, or underflow) adds nothing, even where zm = −∞.
+        if e > 0.0 {
             d += e * ((b - mb) - (m - mm));
         }
     }
@@ -649,9 +652,9 @@ fn score_row64(zm: &[f64], zb: Option<&[f64]>, t: usize) -> [f64; 3] {
 
 /// For model logits `zm` (rows, vocab), optionally the base model's `zb` (same shape), and
 /// each row's target id: per row [log pθ(target), log p0(target), KL(p0 ‖ pθ)] in f64 (the
-/// last two 0 without `zb`), rows in parallel, one pass per row and model (candle's
-/// log_softmax, exp, subtraction, product, sum and gathers are a dozen single-threaded,
-/// allocating passes over all rows). None where the logits are not CPU f32/f64 (the caller
+/// last two 0 without `zb`), rows in parallel, each row read two or three times by one task
+/// (candle's log_softmax, exp, subtraction, product, sum and gathers are a dozen
+/// single-threaded, allocating passes over all rows). None where the logits are not CPU f32/f64 (the caller
 /// composes).
 pub fn score_rows(zm: &Tensor, zb: Option<&Tensor>, targets: &[u32]) -> R<Option<Vec<[f64; 3]>>> {
     let cpu = |z: &Tensor| z.device().is_cpu() && matches!(z.dtype(), DType::F32 | DType::F64);
@@ -761,7 +764,8 @@ mod tests {
     }
 
     /// Rows that test the kernel's edges: ordinary, offset by 1e4, a confident row, −∞
-    /// entries in the base row, and two equal rows (KL exactly 0).
+    /// entries in the base row, two equal rows (KL exactly 0), and two rows 1/64 apart in one
+    /// entry (a small KL, checked relative to its size).
     fn rows(v: usize) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<u32>) {
         let wave = |a: f64, b: f64| -> Vec<f64> {
             (0..v)
@@ -773,20 +777,23 @@ mod tests {
             wave(0.11, 200.0),
             wave(0.5, 100.0),
             wave(0.9, 250.0),
+            wave(0.7, 150.0),
         ];
         let mut zb = vec![
             wave(0.41, 280.0),
             wave(0.13, 220.0),
             wave(0.5, 90.0),
             wave(0.9, 250.0),
+            wave(0.7, 150.0),
         ];
+        zb[4][2] += 1.0 / 64.0;
         zm[1].iter_mut().for_each(|x| *x += 1e4);
         zb[1].iter_mut().for_each(|x| *x -= 1e4);
         zm[2][5] = 40.0;
         zb[2][5] = 41.0;
         zb[0][3] = f64::NEG_INFINITY;
         zb[0][v - 2] = f64::NEG_INFINITY;
-        (zm, zb, vec![7, 0, 5, (v - 1) as u32])
+        (zm, zb, vec![7, 0, 5, (v - 1) as u32, 1])
     }
 
     #[test]
@@ -820,8 +827,16 @@ mod tests {
                     assert_eq!(alone[r], [got[r][0], 0.0, 0.0]);
                 }
                 assert_eq!(got[3][2], 0.0, "equal rows: KL exactly 0");
+                let (g, w) = (got[4][2], want[4][2]);
+                // f64 relative to the KL; f32 within the exponentials' error in the two
+                // log-normalisers (2 ulp, about 1e-7), which no longer carry the logits' size.
+                let tol = if dt == DType::F64 { 1e-9 * w } else { 1e-7 };
+                assert!(
+                    w > 1e-8 && (g - w).abs() <= tol,
+                    "{dt:?} v{v} small KL: {g} vs {w}"
+                );
                 assert!(got[0][2] > 0.01, "different rows: KL > 0");
-                assert!(score_rows(&tm, Some(&tb), &[0, 0, 0, v as u32]).is_err());
+                assert!(score_rows(&tm, Some(&tb), &[0, 0, 0, v as u32, 0]).is_err());
             }
         }
     }

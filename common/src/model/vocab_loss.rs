@@ -16,8 +16,8 @@ use super::decoder::Decoder;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
-/// Rows scored together at least; bounds the logits at CHUNK × vocab floats (64 MB at a 128k
-/// vocabulary).
+/// Rows scored together at least: a chunk's logits are at most max(CHUNK × vocab,
+/// CHUNK_ENTRIES) floats (64 MB at a 128k vocabulary).
 pub const CHUNK: usize = 128;
 
 /// Logit entries a chunk may hold when CHUNK rows are fewer (a small vocabulary): 16 MB in
