@@ -77,7 +77,7 @@ impl Scorer<'_> {
             dev,
         )?;
         let zeros = || Tensor::zeros(b, DType::F64, dev);
-        let mut on_dev: Option<[Tensor; 3]> = None;
+        let (mut dm, mut db, mut dk) = (zeros()?, zeros()?, zeros()?);
         let mut start = 0;
         while start < n {
             let len = ROWS.min(n - start);
@@ -97,34 +97,26 @@ impl Scorer<'_> {
                 start += len;
                 continue;
             }
-            let [dm, db, dk] = match on_dev.take() {
-                Some(s) => s,
-                None => [zeros()?, zeros()?, zeros()?],
-            };
             let tg = targets.narrow(0, start, len)?.unsqueeze(1)?;
             let own = own_dev.narrow(0, start, len)?;
             let lpm = candle_nn::ops::log_softmax(&zm, D::Minus1)?;
             let tm = lpm.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-            let dm = dm.index_add(&own, &tm, 0)?;
-            let (db, dk) = match zb {
-                Some(zb) => {
-                    let lpb = candle_nn::ops::log_softmax(&zb, D::Minus1)?;
-                    let kl = (lpb.exp()? * (&lpb - &lpm)?)?
-                        .sum(D::Minus1)?
-                        .to_dtype(DType::F64)?;
-                    let tb = lpb.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
-                    (db.index_add(&own, &tb, 0)?, dk.index_add(&own, &kl, 0)?)
-                }
-                None => (db, dk),
-            };
-            on_dev = Some([dm, db, dk]);
+            dm = dm.index_add(&own, &tm, 0)?;
+            if let Some(zb) = zb {
+                let lpb = candle_nn::ops::log_softmax(&zb, D::Minus1)?;
+                let kl = (lpb.exp()? * (&lpb - &lpm)?)?
+                    .sum(D::Minus1)?
+                    .to_dtype(DType::F64)?;
+                let tb = lpb.gather(&tg, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+                db = db.index_add(&own, &tb, 0)?;
+                dk = dk.index_add(&own, &kl, 0)?;
+            }
             start += len;
         }
-        if let Some([dm, db, dk]) = on_dev {
-            for (acc, d) in [(&mut sm, dm), (&mut sb, db), (&mut sk, dk)] {
-                for (a, x) in acc.iter_mut().zip(d.to_vec1::<f64>()?) {
-                    *a += x;
-                }
+        // The device's sums (zero where the kernel ran), read once.
+        for (acc, d) in [(&mut sm, dm), (&mut sb, db), (&mut sk, dk)] {
+            for (a, x) in acc.iter_mut().zip(d.to_vec1::<f64>()?) {
+                *a += x;
             }
         }
         let out = (0..b)

@@ -626,6 +626,16 @@ unsafe fn score_row32_avx2(zm: &[f32], zb: Option<&[f32]>, t: usize) -> [f64; 3]
     score_row32(zm, zb, t)
 }
 
+/// [`score_row32`], compiled for AVX2 where the CPU has it.
+fn score_row32_best(zm: &[f32], zb: Option<&[f32]>, t: usize) -> [f64; 3] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { score_row32_avx2(zm, zb, t) };
+    }
+    score_row32(zm, zb, t)
+}
+
 /// [`score_row32`] in f64 (libm's exp).
 fn score_row64(zm: &[f64], zb: Option<&[f64]>, t: usize) -> [f64; 3] {
     let max = |z: &[f64]| z.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
@@ -686,52 +696,36 @@ pub fn score_rows(zm: &Tensor, zb: Option<&Tensor>, targets: &[u32]) -> R<Option
         },
         None => None,
     };
-    let mut out = vec![[0f64; 3]; rows];
-    match (data(cm, lm)?, cb.map(|(c, l)| data(c, l)).transpose()?) {
-        (Data::F32(m), b) => {
-            let b = match b {
-                Some(Data::F32(b)) => Some(b),
-                None => None,
-                Some(Data::F64(_)) => return err("score: logits of two types"),
-            };
-            let avx2 = avx2();
-            out.par_iter_mut().enumerate().for_each(|(r, o)| {
-                let zm = &m[r * vocab..(r + 1) * vocab];
-                let zb = b.as_ref().map(|b| &b[r * vocab..(r + 1) * vocab]);
-                let t = targets[r] as usize;
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU has AVX2 (checked above).
-                    *o = unsafe { score_row32_avx2(zm, zb, t) };
-                    return;
-                }
-                let _ = avx2;
-                *o = score_row32(zm, zb, t);
-            });
-        }
-        (Data::F64(m), b) => {
-            let b = match b {
-                Some(Data::F64(b)) => Some(b),
-                None => None,
-                Some(Data::F32(_)) => return err("score: logits of two types"),
-            };
-            out.par_iter_mut().enumerate().for_each(|(r, o)| {
-                let zm = &m[r * vocab..(r + 1) * vocab];
-                let zb = b.map(|b| &b[r * vocab..(r + 1) * vocab]);
-                *o = score_row64(zm, zb, targets[r] as usize);
-            });
-        }
-    }
-    Ok(Some(out))
+    let two_types = || err("score: logits of two types");
+    Ok(Some(
+        match (data(cm, lm)?, cb.map(|(c, l)| data(c, l)).transpose()?) {
+            (Data::F32(m), None) => per_row(&m, None, vocab, targets, score_row32_best),
+            (Data::F32(m), Some(Data::F32(b))) => {
+                per_row(&m, Some(&b), vocab, targets, score_row32_best)
+            }
+            (Data::F64(m), None) => per_row(m, None, vocab, targets, score_row64),
+            (Data::F64(m), Some(Data::F64(b))) => per_row(m, Some(b), vocab, targets, score_row64),
+            _ => return two_types(),
+        },
+    ))
 }
 
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// `f` over the rows of `m` (and `b`), each `vocab` long, with each row's target; rows in
+/// parallel.
+fn per_row<T: Sync>(
+    m: &[T],
+    b: Option<&[T]>,
+    vocab: usize,
+    targets: &[u32],
+    f: impl Fn(&[T], Option<&[T]>, usize) -> [f64; 3] + Sync,
+) -> Vec<[f64; 3]> {
+    (0..targets.len())
+        .into_par_iter()
+        .map(|r| {
+            let row = r * vocab..(r + 1) * vocab;
+            f(&m[row.clone()], b.map(|b| &b[row]), targets[r] as usize)
+        })
+        .collect()
 }
 
 #[cfg(test)]

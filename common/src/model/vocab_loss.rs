@@ -94,7 +94,6 @@ pub fn loss_grad_chunked(
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
-        let hc = h.narrow(0, start, len)?.to_dtype(cdt)?;
         // Logits from detached weights: the gradients computed from them must not carry a
         // graph back into W (that would add a second-order term to the surrogate).
         let logits = h
@@ -120,6 +119,7 @@ pub fn loss_grad_chunked(
         values.extend(vals);
         gh.push(dz.matmul(&lm_c)?.to_dtype(h.dtype())?.detach());
         if want_weight_grad {
+            let hc = h.narrow(0, start, len)?.to_dtype(cdt)?;
             let g = dz.t()?.matmul(&hc)?.detach();
             gw = Some(match gw {
                 Some(a) => (a + g)?,
